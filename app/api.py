@@ -1,0 +1,297 @@
+"""The HTTP edge: thin `def` routes over the ingest, store and aggregation modules.
+
+Routes own their transaction (or hand it to `app.ingest`), map gzx errors to status codes with
+`app.errors.HTTP_STATUS`, and never answer 500 for bad input.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from sqlalchemy import func, select, text
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from app import ingest, parsing, store
+from app.auth import Authenticator
+from app.errors import GzxError, InputError, NotFound, PayloadTooLarge, http_status
+from app.models import Classification, Workflow, WorkflowSubject, utcnow
+from app.pipeline import AGGREGATE_QUEUE, Dispatcher
+from app.settings import Settings
+from app.workflows import load_config
+
+log = logging.getLogger("gzx.api")
+
+
+@dataclass
+class Metrics:
+    registry: CollectorRegistry
+    ingested: Counter
+    duplicates: Counter
+    rejected: Counter
+    skipped: Counter
+    queue_depth: Gauge
+    pending: Gauge
+
+
+def make_metrics() -> Metrics:
+    registry = CollectorRegistry()
+    return Metrics(
+        registry,
+        Counter("gzx_ingested", "Classifications stored", ["route"], registry=registry),
+        Counter("gzx_duplicates", "Repeat deliveries (stored once)", ["route"], registry=registry),
+        Counter(
+            "gzx_rejected", "Classifications rejected as malformed", ["route"], registry=registry
+        ),
+        Counter("gzx_skipped", "Stream events that are not classifications", registry=registry),
+        Gauge("gzx_queue_depth", "Jobs waiting on the aggregate queue", registry=registry),
+        Gauge("gzx_pending_subjects", "Subjects waiting to be applied", registry=registry),
+    )
+
+
+async def json_body(request: Request) -> Any:
+    """The request body as JSON, refused past the configured size (413) or when malformed."""
+    limit = request.app.state.settings.max_body_bytes
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"body is over the limit of {limit} bytes", field="body")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"body is over the limit of {limit} bytes", field="body")
+        chunks.append(chunk)
+    try:
+        return json.loads(b"".join(chunks))
+    except RecursionError:
+        raise InputError("body is nested too deeply", field="body") from None
+    except ValueError as error:
+        raise InputError(f"body is not valid JSON: {error}", field="body") from None
+
+
+JsonBody = Annotated[Any, Depends(json_body)]
+
+
+def create_app(
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    dispatcher: Dispatcher,
+    redis: Any = None,
+) -> FastAPI:
+    """The gzx HTTP API over the given database sessions and job dispatcher."""
+    app = FastAPI(
+        title="gzx",
+        version="0.1.0",
+        description="Bayesian crowd aggregation for Zooniverse-style citizen science.",
+    )
+    auth = Authenticator(settings)
+    metrics = make_metrics()
+    app.state.metrics = metrics
+    app.state.settings = settings
+    limits = parsing.Limits(max_marks=settings.max_marks_per_classification)
+
+    @app.exception_handler(GzxError)
+    def _gzx_error(_request: Request, error: GzxError) -> JSONResponse:
+        return JSONResponse(error.to_dict(), status_code=http_status(error))
+
+    @app.exception_handler(RequestValidationError)
+    def _validation_error(_request: Request, error: RequestValidationError) -> JSONResponse:
+        first = error.errors()[0]
+        field = ".".join(str(p) for p in first["loc"] if p not in ("body", "query", "path"))
+        return JSONResponse(
+            InputError(f"{field}: {first['msg']}", field=field or "body").to_dict(), status_code=422
+        )
+
+    @app.exception_handler(OperationalError)
+    def _database_down(_request: Request, _error: OperationalError) -> JSONResponse:
+        log.warning("database unavailable")
+        body = {"error": "Unavailable", "message": "the database is unavailable; retry later"}
+        return JSONResponse(body, status_code=503, headers={"Retry-After": "1"})
+
+    @app.exception_handler(DBAPIError)
+    def _database_error(_request: Request, error: DBAPIError) -> JSONResponse:
+        if error.connection_invalidated:
+            body = {"error": "Unavailable", "message": "the database connection was lost; retry"}
+            return JSONResponse(body, status_code=503, headers={"Retry-After": "1"})
+        raise error
+
+    @app.get("/healthz", tags=["service"])
+    def healthz() -> JSONResponse:
+        """Database and Redis reachability (no credential needed)."""
+        checks: dict[str, str] = {}
+        try:
+            with sessions() as session:
+                session.execute(text("SELECT 1"))
+            checks["database"] = "ok"
+        except Exception:
+            checks["database"] = "unreachable"
+        if redis is None:
+            checks["redis"] = "not configured (jobs run in-process)"
+        else:
+            try:
+                redis.ping()
+                checks["redis"] = "ok"
+            except Exception:
+                checks["redis"] = "unreachable"
+        healthy = all(v != "unreachable" for v in checks.values())
+        return JSONResponse(
+            {"status": "ok" if healthy else "degraded", **checks},
+            status_code=200 if healthy else 503,
+        )
+
+    @app.get("/metrics", tags=["service"], dependencies=[Depends(auth.require("read"))])
+    def prometheus_metrics() -> Response:
+        """Prometheus metrics: ingested, duplicates, rejected, queue depth, pending subjects."""
+        with sessions() as session:
+            metrics.pending.set(store.count_pending(session))
+        if redis is not None:
+            try:
+                metrics.queue_depth.set(redis.llen(f"rq:queue:{AGGREGATE_QUEUE}"))
+            except Exception:
+                log.warning("redis unreachable while reading queue depth")
+        return PlainTextResponse(generate_latest(metrics.registry).decode())
+
+    def record(
+        items: list[parsing.ParsedClassification], route: str, alone: bool
+    ) -> ingest.IngestOutcome:
+        outcome = ingest.ingest(
+            sessions, dispatcher, items, ip_salt=settings.ip_salt, each_stands_alone=alone
+        )
+        metrics.ingested.labels(route).inc(outcome.count("stored"))
+        metrics.duplicates.labels(route).inc(outcome.count("duplicate"))
+        metrics.rejected.labels(route).inc(outcome.count("rejected"))
+        return outcome
+
+    @app.post("/v1/ingest/kinesis", tags=["ingest"], dependencies=[Depends(auth.require_kinesis)])
+    def ingest_kinesis(body: JsonBody) -> dict[str, Any]:
+        """A stream forwarder batch `{"payload": [...events]}`; each event stands alone."""
+        items = parsing.parse_kinesis_batch(body, limits=limits)
+        good = [item for item in items if item.classification is not None]
+        outcome = record(
+            [item.classification for item in good if item.classification], "kinesis", True
+        )
+        errors = [{"index": item.index, **item.error} for item in items if item.error is not None]
+        errors += [{"index": good[pos].index, **err} for pos, err in outcome.errors.items()]
+        skipped = sum(1 for item in items if item.skipped is not None)
+        metrics.skipped.inc(skipped)
+        metrics.rejected.labels("kinesis").inc(sum(1 for item in items if item.error is not None))
+        return {
+            "received": len(items),
+            "stored": outcome.count("stored"),
+            "duplicates": outcome.count("duplicate"),
+            "skipped": skipped,
+            "rejected": len(errors),
+            "errors": sorted(errors, key=lambda e: int(e["index"])),
+        }
+
+    @app.post(
+        "/v1/classifications", tags=["ingest"], dependencies=[Depends(auth.require("ingest"))]
+    )
+    def ingest_classifications(body: JsonBody) -> dict[str, Any]:
+        """One Panoptes classification object, or a list of them (all or nothing)."""
+        items = parsing.parse_classifications_body(body, limits=limits)
+        outcome = record(items, "panoptes", False)
+        return {
+            "stored": outcome.count("stored"),
+            "duplicates": outcome.count("duplicate"),
+            "ids": [p.id for p in items],
+        }
+
+    @app.post("/v1/caesar/extract", tags=["caesar"], dependencies=[Depends(auth.require_caesar)])
+    def caesar_extract(body: JsonBody) -> dict[str, Any]:
+        """Caesar's external-extractor call; the answer becomes the extract's data in Caesar."""
+        parsed = parsing.parse_caesar_extract(body, limits=limits)
+        outcome = record([parsed], "caesar", False)
+        return {"gzx": outcome.outcomes[0], "classification_id": parsed.id}
+
+    @app.put(
+        "/v1/workflows/{workflow_id}",
+        tags=["workflows"],
+        dependencies=[Depends(auth.require("admin"))],
+    )
+    def put_workflow(workflow_id: int, body: JsonBody) -> dict[str, Any]:
+        """Configure a workflow (self-service); stored classifications are then applied."""
+        config = load_config(body)
+        now = utcnow()
+        with sessions.begin() as session:
+            workflow = session.get(Workflow, workflow_id)
+            if workflow is None:
+                workflow = Workflow(id=workflow_id, created_at=now)
+                session.add(workflow)
+            workflow.config = config.to_json()
+            workflow.config_hash = config.digest()
+            workflow.name = config.name
+            workflow.updated_at = now
+            session.flush()
+            session.execute(
+                WorkflowSubject.__table__.update()
+                .where(WorkflowSubject.workflow_id == workflow_id)
+                .values(pending=True)
+            )
+        dispatcher.notify([workflow_id])
+        return {"id": workflow_id, "config": config.to_json(), "config_hash": config.digest()}
+
+    @app.get(
+        "/v1/workflows/{workflow_id}",
+        tags=["workflows"],
+        dependencies=[Depends(auth.require("read"))],
+    )
+    def get_workflow(workflow_id: int) -> dict[str, Any]:
+        """A workflow's configuration and how many classifications it holds."""
+        with sessions() as session:
+            workflow = session.get(Workflow, workflow_id)
+            if workflow is None:
+                raise NotFound(f"workflow {workflow_id} is not known", field="workflow_id")
+            n = session.scalar(
+                select(func.count())
+                .select_from(Classification)
+                .where(Classification.workflow_id == workflow_id)
+            )
+            return {
+                "id": workflow_id,
+                "configured": workflow.config is not None,
+                "config": workflow.config,
+                "config_hash": workflow.config_hash,
+                "classifications": int(n or 0),
+            }
+
+    @app.get(
+        "/v1/workflows/{workflow_id}/subjects/{subject_id}",
+        tags=["subjects"],
+        dependencies=[Depends(auth.require("read"))],
+    )
+    def get_subject(workflow_id: int, subject_id: int) -> dict[str, Any]:
+        """A subject's state in a workflow: counts per class, status, classifications stored."""
+        with sessions() as session:
+            state = session.get(WorkflowSubject, (workflow_id, subject_id))
+            if state is None:
+                raise NotFound(
+                    f"subject {subject_id} has no classifications in workflow {workflow_id}",
+                    field="subject_id",
+                )
+            workflow = session.get(Workflow, workflow_id)
+            classes = (workflow.config or {}).get("classes", []) if workflow else []
+            counts = state.counts or []
+            return {
+                "workflow_id": workflow_id,
+                "subject_id": subject_id,
+                "status": state.status,
+                "pending": state.pending,
+                "classifications": state.n_classifications,
+                "views": state.n_views,
+                "counts": {name: int(c) for name, c in zip(classes, counts, strict=False)},
+                "posterior": state.posterior,
+                "label": state.label,
+                "reason": state.reason,
+                "updated_at": state.updated_at.isoformat(),
+            }
+
+    return app

@@ -1,0 +1,288 @@
+"""The `gzx` command line."""
+
+from __future__ import annotations
+
+import csv
+import ipaddress
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+import yaml
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from app import aggregation, parsing, store
+from app.db import make_engine, make_sessionmaker, migrate
+from app.errors import GzxError, InputError
+from app.models import Workflow, WorkflowSubject, utcnow
+from app.settings import Settings, get_settings
+from app.workflows import load_config
+
+cli = typer.Typer(help="gzx: Bayesian crowd aggregation for citizen science.", no_args_is_help=True)
+workflow_cli = typer.Typer(help="Workflow configuration.", no_args_is_help=True)
+import_cli = typer.Typer(help="Bulk imports from Panoptes exports.", no_args_is_help=True)
+cli.add_typer(workflow_cli, name="workflow")
+cli.add_typer(import_cli, name="import")
+console = Console(stderr=True)
+
+IMPORT_BATCH = 2000
+
+
+def main() -> None:
+    logging.basicConfig(level=os.environ.get("GZX_LOG_LEVEL", "INFO"))
+    try:
+        cli()
+    except GzxError as error:
+        console.print(
+            f"[red]error[/red] {error.message}"
+            + (f" (field: {error.field})" if error.field else "")
+        )
+        sys.exit(2)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@cli.command("migrate")
+def migrate_database() -> None:
+    """Bring the database to the latest schema."""
+    settings = get_settings()
+    migrate(settings.database_url)
+    console.print(f"database at the latest schema: {_safe_url(settings)}")
+
+
+def _safe_url(settings: Settings) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(settings.database_url).render_as_string(hide_password=True)
+
+
+@cli.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+) -> None:
+    """Run the HTTP API (and, with no Redis configured, the jobs in-process)."""
+    import uvicorn
+
+    from app.service import build_service
+
+    settings = get_settings()
+    if not _is_loopback(host) and not settings.has_credentials:
+        console.print(
+            "[red]refusing to listen on a non-loopback address with no credentials configured[/red]:"
+            " set GZX_TOKENS (and GZX_KINESIS_PASSWORD / GZX_CAESAR_SECRET)"
+        )
+        raise typer.Exit(2)
+    if settings.is_sqlite:
+        migrate(settings.database_url)
+    if not settings.has_credentials:
+        console.print("[yellow]no credentials configured: the API is open (loopback only)[/yellow]")
+    service = build_service(settings)
+    mode = "RQ workers via Redis" if settings.redis_url else "in-process jobs"
+    console.print(f"gzx serving on http://{host}:{port}/ ({_safe_url(settings)}, {mode})")
+    try:
+        uvicorn.run(service.app, host=host, port=port, log_level="warning")
+    finally:
+        service.close()
+
+
+@cli.command()
+def worker(
+    queue: Annotated[list[str] | None, typer.Option(help="Queues to serve (repeatable).")] = None,
+    burst: Annotated[bool, typer.Option(help="Quit when the queues are empty.")] = False,
+) -> None:
+    """Run an RQ worker on the aggregate queue (or the given ones)."""
+    from redis import Redis
+    from rq import Queue, SimpleWorker
+
+    from app.pipeline import AGGREGATE_QUEUE
+
+    settings = get_settings()
+    if not settings.redis_url:
+        console.print(
+            "[red]GZX_REDIS_URL is not set[/red]: without Redis, `gzx serve` runs the jobs itself"
+        )
+        raise typer.Exit(2)
+    redis = Redis.from_url(settings.redis_url)
+    queues = [Queue(name, connection=redis) for name in (queue or [AGGREGATE_QUEUE])]
+    # SimpleWorker runs jobs in this process: the engine is made once, not per forked job.
+    SimpleWorker(queues, connection=redis).work(burst=burst, with_scheduler=False)
+
+
+@cli.command()
+def cron() -> None:
+    """Run `rq cron` with gzx's schedules (the sweeper; refits and exports as configured)."""
+    settings = get_settings()
+    if not settings.redis_url:
+        console.print("[red]GZX_REDIS_URL is not set[/red]")
+        raise typer.Exit(2)
+    config = Path(__file__).resolve().parent.parent / "workers" / "cron.py"
+    rq = Path(sys.executable).with_name("rq")
+    raise typer.Exit(subprocess.call([str(rq), "cron", str(config), "--url", settings.redis_url]))
+
+
+@cli.command()
+def sweep() -> None:
+    """Apply (embedded) or queue (with Redis) every subject whose classifications are pending."""
+    settings = get_settings()
+    sessions = make_sessionmaker(make_engine(settings))
+    with sessions() as session:
+        workflow_ids = store.workflows_with_pending(session)
+    _apply(settings, sessions, workflow_ids)
+    console.print(f"swept {len(workflow_ids)} workflow(s) with pending subjects")
+
+
+def _apply(settings: Settings, sessions: Any, workflow_ids: list[int] | set[int]) -> None:
+    """Queue the workflows' pending subjects (Redis), or apply them here (embedded)."""
+    if settings.redis_url:
+        from redis import Redis
+
+        from app.pipeline import RQDispatcher
+
+        RQDispatcher(Redis.from_url(settings.redis_url)).notify(workflow_ids)
+        return
+    for workflow_id in sorted(workflow_ids):
+        aggregation.apply_pending(sessions, workflow_id, settings.apply_batch_size)
+
+
+@workflow_cli.command("apply")
+def workflow_apply(
+    path: Annotated[Path, typer.Argument(help="A workflow configuration in YAML.", exists=True)],
+    workflow_id: Annotated[
+        int | None, typer.Option("--workflow", help="Workflow id (else `id:` in the file).")
+    ] = None,
+) -> None:
+    """Configure a workflow from a YAML file (the same checks as PUT /v1/workflows/{id})."""
+    data = yaml.safe_load(path.read_text())
+    if not isinstance(data, dict):
+        raise InputError("the file must hold a mapping", field="file")
+    data = dict(data)
+    file_id = data.pop("id", None)
+    wid = workflow_id if workflow_id is not None else file_id
+    if not isinstance(wid, int):
+        raise InputError("give the workflow id with --workflow or an `id:` key", field="id")
+    config = load_config(data)
+    settings = get_settings()
+    if settings.is_sqlite:
+        migrate(settings.database_url)
+    sessions = make_sessionmaker(make_engine(settings))
+    now = utcnow()
+    with sessions.begin() as session:
+        workflow = session.get(Workflow, wid) or Workflow(id=wid, created_at=now)
+        session.add(workflow)
+        workflow.config, workflow.config_hash, workflow.name = (
+            config.to_json(),
+            config.digest(),
+            config.name,
+        )
+        workflow.updated_at = now
+        session.flush()
+        session.execute(
+            WorkflowSubject.__table__.update()
+            .where(WorkflowSubject.workflow_id == wid)
+            .values(pending=True)
+        )
+    _apply(settings, sessions, [wid])
+    console.print(f"workflow {wid} configured (config hash {config.digest()[:12]})")
+
+
+def _csv_rows(path: Path) -> Iterator[dict[str, str]]:
+    csv.field_size_limit(sys.maxsize)
+    with path.open(newline="", encoding="utf-8") as handle:
+        yield from csv.DictReader(handle)
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed:,.0f} rows"),
+        TimeElapsedColumn(),
+        console=console,
+    )
+
+
+@import_cli.command("classifications")
+def import_classifications(
+    path: Annotated[
+        Path, typer.Argument(help="A Panoptes classification export CSV.", exists=True)
+    ],
+) -> None:
+    """Import a classification export: streaming, batched, idempotent (twice changes nothing)."""
+    settings = get_settings()
+    if settings.is_sqlite:
+        migrate(settings.database_url)
+    sessions = make_sessionmaker(make_engine(settings))
+    limits = parsing.Limits(max_marks=settings.max_marks_per_classification)
+    stored = duplicates = 0
+    workflows: set[int] = set()
+    batch: list[parsing.ParsedClassification] = []
+
+    def flush() -> None:
+        nonlocal stored, duplicates
+        with sessions.begin() as session:
+            result = store.record_classifications(session, batch, ip_salt=settings.ip_salt)
+        stored += result.outcomes.count("stored")
+        duplicates += result.outcomes.count("duplicate")
+        workflows.update(p.workflow_id for p in batch)
+        batch.clear()
+
+    with _progress() as progress:
+        task = progress.add_task("importing classifications", total=None)
+        for line, row in enumerate(_csv_rows(path), start=2):
+            try:
+                batch.append(parsing.parse_export_row(row, limits=limits))
+            except InputError as error:
+                raise InputError(f"line {line}: {error.message}", field=error.field) from None
+            if len(batch) >= IMPORT_BATCH:
+                flush()
+                progress.update(task, completed=line - 1)
+        if batch:
+            flush()
+        progress.update(task, completed=stored + duplicates)
+    _apply(settings, sessions, workflows)
+    console.print(f"imported {stored:,} classifications ({duplicates:,} already stored)")
+
+
+@import_cli.command("subjects")
+def import_subjects(
+    path: Annotated[Path, typer.Argument(help="A Panoptes subject export CSV.", exists=True)],
+) -> None:
+    """Import a subject export: metadata, image locations, platform retirement."""
+    settings = get_settings()
+    if settings.is_sqlite:
+        migrate(settings.database_url)
+    sessions = make_sessionmaker(make_engine(settings))
+    count = 0
+    batch: list[parsing.ParsedSubject] = []
+    with _progress() as progress:
+        task = progress.add_task("importing subjects", total=None)
+        for line, row in enumerate(_csv_rows(path), start=2):
+            try:
+                batch.append(parsing.parse_subject_export_row(row))
+            except InputError as error:
+                raise InputError(f"line {line}: {error.message}", field=error.field) from None
+            if len(batch) >= IMPORT_BATCH:
+                with sessions.begin() as session:
+                    store.upsert_subject_rows(session, batch)
+                count += len(batch)
+                batch.clear()
+                progress.update(task, completed=count)
+        if batch:
+            with sessions.begin() as session:
+                store.upsert_subject_rows(session, batch)
+            count += len(batch)
+    console.print(f"imported {count:,} subjects")

@@ -1,0 +1,225 @@
+"""The ORM models: gzx's schema. The database is the source of truth; Redis only carries work.
+
+Platform ids (workflow, subject, classification) are kept as the platform's integers. Everything a
+subject's posterior depends on is stored here, so any state can be rebuilt by re-applying it.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+JSONValue = JSON().with_variant(JSONB(), "postgresql")
+Id = BigInteger().with_variant(Integer(), "sqlite")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSONValue, list[Any]: JSONValue, Any: JSONValue}
+
+
+class Workflow(Base):
+    """One Zooniverse workflow; `config` is None until a researcher configures it."""
+
+    __tablename__ = "workflows"
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    name: Mapped[str | None] = mapped_column(String(200))
+    config: Mapped[dict[str, Any] | None] = mapped_column(JSONValue)
+    config_hash: Mapped[str | None] = mapped_column(String(64))
+    skill_snapshot_id: Mapped[int | None] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Subject(Base):
+    """An image (or set of frames) shown to volunteers; metadata and image locations."""
+
+    __tablename__ = "subjects"
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    subject_metadata: Mapped[dict[str, Any]] = mapped_column("metadata", JSONValue, default=dict)
+    locations: Mapped[list[Any]] = mapped_column(JSONValue, default=list)
+    width: Mapped[float | None] = mapped_column(Float)
+    height: Mapped[float | None] = mapped_column(Float)
+    platform_retired: Mapped[bool] = mapped_column(Boolean, default=False)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Volunteer(Base):
+    """A logged-in user (`user:<id>`), an anonymous session (`anon:<hash>`) or a machine (`ml:...`)."""
+
+    __tablename__ = "volunteers"
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    key: Mapped[str] = mapped_column(String(200), unique=True)
+    kind: Mapped[str] = mapped_column(String(16))  # user | anonymous | machine
+    platform_user_id: Mapped[int | None] = mapped_column(BigInteger)
+    login: Mapped[str | None] = mapped_column(String(200))
+    ip_hash: Mapped[str | None] = mapped_column(String(64))
+    excluded: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    forgotten_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class Classification(Base):
+    """One volunteer's submission, immutable and unique by its platform id; raw JSON kept."""
+
+    __tablename__ = "classifications"
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    workflow_id: Mapped[int] = mapped_column(ForeignKey("workflows.id"), index=True)
+    volunteer_id: Mapped[int] = mapped_column(ForeignKey("volunteers.id"), index=True)
+    workflow_version: Mapped[str | None] = mapped_column(String(32))
+    version_major: Mapped[int | None] = mapped_column(Integer)
+    version_minor: Mapped[int | None] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    source: Mapped[str] = mapped_column(String(16))
+    gold_standard: Mapped[bool | None] = mapped_column(Boolean)
+    expert: Mapped[str | None] = mapped_column(String(32))
+    subject_ids: Mapped[list[Any]] = mapped_column(JSONValue)
+    raw: Mapped[dict[str, Any]] = mapped_column(JSONValue)
+
+
+class View(Base):
+    """The fact that a volunteer saw a subject (every classification is one, marks or not)."""
+
+    __tablename__ = "views"
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    classification_id: Mapped[int] = mapped_column(
+        ForeignKey("classifications.id"), unique=True
+    )
+    workflow_id: Mapped[int] = mapped_column(BigInteger)
+    subject_id: Mapped[int] = mapped_column(BigInteger)
+    volunteer_id: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    applied_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    __table_args__ = (Index("ix_views_workflow_subject", "workflow_id", "subject_id"),)
+
+
+class Answer(Base):
+    """The value given to a question task: an index (stream, Caesar) or a label (CSV export)."""
+
+    __tablename__ = "answers"
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    classification_id: Mapped[int] = mapped_column(ForeignKey("classifications.id"), index=True)
+    workflow_id: Mapped[int] = mapped_column(BigInteger)
+    subject_id: Mapped[int] = mapped_column(BigInteger)
+    task: Mapped[str] = mapped_column(String(64))
+    value: Mapped[int | None] = mapped_column(Integer)
+    label: Mapped[str | None] = mapped_column(Text)
+    __table_args__ = (Index("ix_answers_workflow_subject", "workflow_id", "subject_id"),)
+
+
+class Mark(Base):
+    """A box or point drawn in a drawing task; corners x1,y1 (top-left) to x2,y2."""
+
+    __tablename__ = "marks"
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    classification_id: Mapped[int] = mapped_column(ForeignKey("classifications.id"), index=True)
+    workflow_id: Mapped[int] = mapped_column(BigInteger)
+    subject_id: Mapped[int] = mapped_column(BigInteger)
+    task: Mapped[str] = mapped_column(String(64))
+    tool: Mapped[int] = mapped_column(Integer)
+    frame: Mapped[int] = mapped_column(Integer, default=0)
+    kind: Mapped[str] = mapped_column(String(16))
+    x1: Mapped[float] = mapped_column(Float)
+    y1: Mapped[float] = mapped_column(Float)
+    x2: Mapped[float] = mapped_column(Float)
+    y2: Mapped[float] = mapped_column(Float)
+    details: Mapped[list[Any] | None] = mapped_column(JSONValue)
+    __table_args__ = (Index("ix_marks_workflow_subject", "workflow_id", "subject_id"),)
+
+
+class WorkflowSubject(Base):
+    """A subject's state within one workflow: pending work, counts, posterior, status."""
+
+    __tablename__ = "workflow_subjects"
+    workflow_id: Mapped[int] = mapped_column(ForeignKey("workflows.id"), primary_key=True)
+    subject_id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    pending: Mapped[bool] = mapped_column(Boolean, default=True)
+    status: Mapped[str] = mapped_column(String(16), default="live")  # live|retired|contested
+    n_classifications: Mapped[int] = mapped_column(Integer, default=0)
+    n_views: Mapped[int] = mapped_column(Integer, default=0)
+    counts: Mapped[list[Any] | None] = mapped_column(JSONValue)
+    posterior: Mapped[list[Any] | None] = mapped_column(JSONValue)
+    label: Mapped[str | None] = mapped_column(String(200))
+    reason: Mapped[str | None] = mapped_column(String(32))
+    retired_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    __table_args__ = (Index("ix_workflow_subjects_pending", "workflow_id", "pending"),)
+
+
+class Gold(Base):
+    """Known truth for a subject in a workflow: a class label and/or boxes."""
+
+    __tablename__ = "gold"
+    workflow_id: Mapped[int] = mapped_column(ForeignKey("workflows.id"), primary_key=True)
+    subject_id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    label: Mapped[str | None] = mapped_column(String(200))
+    boxes: Mapped[list[Any] | None] = mapped_column(JSONValue)
+    source: Mapped[str] = mapped_column(String(32))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Retirement(Base):
+    """The decision that a subject is settled: an event, never silently undone."""
+
+    __tablename__ = "retirements"
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    workflow_id: Mapped[int] = mapped_column(ForeignKey("workflows.id"))
+    subject_id: Mapped[int] = mapped_column(BigInteger)
+    reason: Mapped[str] = mapped_column(String(32))
+    posterior: Mapped[list[Any] | None] = mapped_column(JSONValue)
+    n_votes: Mapped[int] = mapped_column(Integer)
+    source: Mapped[str] = mapped_column(String(16), default="online")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    __table_args__ = (Index("ix_retirements_workflow_subject", "workflow_id", "subject_id"),)
+
+
+class Effect(Base):
+    """What a retirement causes outside (Panoptes retire, webhook, Caesar reduction)."""
+
+    __tablename__ = "effects"
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    retirement_id: Mapped[int | None] = mapped_column(ForeignKey("retirements.id"))
+    workflow_id: Mapped[int] = mapped_column(BigInteger)
+    subject_id: Mapped[int | None] = mapped_column(BigInteger)
+    kind: Mapped[str] = mapped_column(String(32))
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_error: Mapped[str | None] = mapped_column(Text)
+    payload: Mapped[dict[str, Any] | None] = mapped_column(JSONValue)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    __table_args__ = (UniqueConstraint("retirement_id", "kind", name="uq_effects_retirement_kind"),)
+
+
+class Export(Base):
+    """An immutable, versioned snapshot of reliable labels with a manifest."""
+
+    __tablename__ = "exports"
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    workflow_id: Mapped[int] = mapped_column(ForeignKey("workflows.id"))
+    status: Mapped[str] = mapped_column(String(16), default="queued")
+    rules: Mapped[dict[str, Any] | None] = mapped_column(JSONValue)
+    manifest: Mapped[dict[str, Any] | None] = mapped_column(JSONValue)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

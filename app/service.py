@@ -1,0 +1,58 @@
+"""Assembling a running service from settings: engine, Redis, job dispatcher, HTTP app."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI
+from redis import Redis
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from app import aggregation, store
+from app.api import create_app
+from app.db import make_engine, make_sessionmaker
+from app.pipeline import Dispatcher, InProcessDispatcher, RQDispatcher
+from app.settings import Settings
+
+
+@dataclass
+class Service:
+    settings: Settings
+    engine: Engine
+    sessions: sessionmaker[Session]
+    redis: Redis | None
+    dispatcher: Dispatcher
+    app: FastAPI
+
+    def close(self) -> None:
+        self.dispatcher.close()
+        self.engine.dispose()
+
+
+def in_process_dispatcher(
+    settings: Settings, sessions: sessionmaker[Session]
+) -> InProcessDispatcher:
+    """The embedded mode's job runner: the same job functions, in a thread of this process."""
+
+    def apply(workflow_id: int) -> Any:
+        return aggregation.apply_pending(sessions, workflow_id, settings.apply_batch_size)
+
+    def sweep() -> list[int]:
+        with sessions() as session:
+            return store.workflows_with_pending(session)
+
+    return InProcessDispatcher(apply, sweep, settings.sweep_interval_s)
+
+
+def build_service(settings: Settings) -> Service:
+    """Everything `gzx serve` runs: RQ when GZX_REDIS_URL is set, in-process jobs otherwise."""
+    engine = make_engine(settings)
+    sessions = make_sessionmaker(engine)
+    redis = Redis.from_url(settings.redis_url) if settings.redis_url else None
+    dispatcher: Dispatcher = (
+        RQDispatcher(redis) if redis is not None else in_process_dispatcher(settings, sessions)
+    )
+    app = create_app(settings, sessions, dispatcher, redis)
+    return Service(settings, engine, sessions, redis, dispatcher, app)

@@ -1,0 +1,469 @@
+"""The one module that talks to the database. It uses the session it is given and never commits:
+the route or the job that calls it owns the transaction (`with sessions.begin() as session:`).
+
+Writes are set-based (one statement per table per batch), sorted by key so that concurrent
+batches take row locks in the same order and cannot deadlock.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Select, func, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from app.models import (
+    Answer,
+    Classification,
+    Mark,
+    Subject,
+    View,
+    Volunteer,
+    Workflow,
+    WorkflowSubject,
+    utcnow,
+)
+from app.parsing import ParsedClassification, ParsedSubject
+from app.workflows import parse_version
+
+
+def _insert(session: Session, model: Any) -> Any:
+    """An INSERT that knows ON CONFLICT for the session's dialect."""
+    if session.get_bind().dialect.name == "postgresql":
+        return postgresql.insert(model)
+    return sqlite.insert(model)
+
+
+def is_postgres(session: Session) -> bool:
+    return session.get_bind().dialect.name == "postgresql"
+
+
+@dataclass(frozen=True)
+class VolunteerIdentity:
+    key: str
+    kind: str
+    platform_user_id: int | None
+    login: str | None
+    ip_hash: str | None
+
+
+def hash_ip(ip: str, salt: str) -> str:
+    return hashlib.sha256(f"{salt}:{ip}".encode()).hexdigest()[:32]
+
+
+def identify_volunteer(parsed: ParsedClassification, ip_salt: str) -> VolunteerIdentity:
+    """Who made a classification: a logged-in user, an anonymous session, or a machine."""
+    if parsed.user_id is not None:
+        return VolunteerIdentity(
+            f"user:{parsed.user_id}", "user", parsed.user_id, parsed.user_login, None
+        )
+    if parsed.anonymous_key:
+        session_hash = parsed.anonymous_key.removeprefix("not-logged-in-")
+        return VolunteerIdentity(
+            f"anon:{session_hash}", "anonymous", None, None, hash_ip(session_hash, ip_salt)
+        )
+    if parsed.user_ip:
+        ip_hash = hash_ip(parsed.user_ip, ip_salt)
+        return VolunteerIdentity(f"anon:{ip_hash}", "anonymous", None, None, ip_hash)
+    return VolunteerIdentity(f"anon:classification-{parsed.id}", "anonymous", None, None, None)
+
+
+@dataclass(frozen=True)
+class RecordResult:
+    """What became of each classification of a batch, in input order."""
+
+    outcomes: list[str]  # "stored" | "duplicate"
+    workflow_ids: set[int]
+
+
+def record_classifications(
+    session: Session, items: Sequence[ParsedClassification], *, ip_salt: str
+) -> RecordResult:
+    """Store classifications once each; a repeat delivery only adds what the first one lacked."""
+    if not items:
+        return RecordResult([], set())
+    now = utcnow()
+    first_of: dict[int, ParsedClassification] = {}
+    for parsed in items:
+        first_of.setdefault(parsed.id, parsed)
+    unique = sorted(first_of.values(), key=lambda p: p.id)
+
+    _ensure_workflows(session, {p.workflow_id for p in unique}, now)
+    volunteer_ids = _ensure_volunteers(session, unique, ip_salt, now)
+    _upsert_subjects(session, unique, now)
+
+    rows = [
+        {
+            "id": p.id,
+            "workflow_id": p.workflow_id,
+            "volunteer_id": volunteer_ids[p.id],
+            "workflow_version": p.workflow_version,
+            "version_major": (parse_version(p.workflow_version) or (None, None))[0],
+            "version_minor": (parse_version(p.workflow_version) or (None, None))[1],
+            "created_at": p.created_at,
+            "received_at": now,
+            "source": p.source,
+            "gold_standard": p.gold_standard,
+            "expert": p.expert,
+            "subject_ids": list(p.subject_ids),
+            "raw": _raw_of(p),
+        }
+        for p in unique
+    ]
+    statement = _insert(session, Classification).on_conflict_do_nothing(index_elements=["id"])
+    inserted = set(session.scalars(statement.returning(Classification.id), rows).all())
+    fresh = [p for p in unique if p.id in inserted]
+    _enrich_duplicates(session, [p for p in unique if p.id not in inserted])
+    _insert_votes(session, fresh, volunteer_ids, now)
+
+    outcomes = []
+    seen: set[int] = set()
+    for parsed in items:
+        outcomes.append(
+            "stored" if parsed.id in inserted and parsed.id not in seen else "duplicate"
+        )
+        seen.add(parsed.id)
+    return RecordResult(outcomes, {p.workflow_id for p in fresh})
+
+
+def _raw_of(parsed: ParsedClassification) -> dict[str, Any]:
+    return {
+        "annotations": parsed.annotations,
+        "metadata": parsed.metadata,
+        "subject_ids": list(parsed.subject_ids),
+        "project_id": parsed.project_id,
+        "classifier_version": parsed.classifier_version,
+    }
+
+
+def _ensure_workflows(session: Session, workflow_ids: set[int], now: datetime) -> None:
+    rows = [{"id": w, "created_at": now, "updated_at": now} for w in sorted(workflow_ids)]
+    session.execute(_insert(session, Workflow).on_conflict_do_nothing(index_elements=["id"]), rows)
+
+
+def _ensure_volunteers(
+    session: Session, items: Sequence[ParsedClassification], ip_salt: str, now: datetime
+) -> dict[int, int]:
+    """Volunteer row id for each classification id, creating volunteers on first sight."""
+    identity = {p.id: identify_volunteer(p, ip_salt) for p in items}
+    by_key = {i.key: i for i in identity.values()}
+    rows = [
+        {
+            "key": i.key,
+            "kind": i.kind,
+            "platform_user_id": i.platform_user_id,
+            "login": i.login,
+            "ip_hash": i.ip_hash,
+            "excluded": False,
+            "created_at": now,
+        }
+        for i in sorted(by_key.values(), key=lambda i: i.key)
+    ]
+    session.execute(
+        _insert(session, Volunteer).on_conflict_do_nothing(index_elements=["key"]), rows
+    )
+    ids = dict(
+        session.execute(
+            select(Volunteer.key, Volunteer.id).where(Volunteer.key.in_(by_key))
+        ).all()
+    )
+    return {cid: ids[i.key] for cid, i in identity.items()}
+
+
+def _subject_size(parsed: ParsedClassification) -> tuple[float, float] | None:
+    dimensions = (
+        parsed.metadata.get("subject_dimensions") if isinstance(parsed.metadata, dict) else None
+    )
+    if isinstance(dimensions, list) and dimensions and isinstance(dimensions[0], dict):
+        width, height = dimensions[0].get("naturalWidth"), dimensions[0].get("naturalHeight")
+        if (
+            isinstance(width, int | float)
+            and isinstance(height, int | float)
+            and width > 0
+            and height > 0
+        ):
+            return float(width), float(height)
+    return None
+
+
+def _upsert_subjects(
+    session: Session, items: Sequence[ParsedClassification], now: datetime
+) -> None:
+    """Create subjects on first sight; fill in metadata, locations and size a later copy brings."""
+    incoming: dict[int, dict[str, Any]] = {}
+    for parsed in items:
+        described = {s.id: s for s in parsed.subjects}
+        size = _subject_size(parsed)
+        for position, subject_id in enumerate(parsed.subject_ids):
+            entry = incoming.setdefault(
+                subject_id, {"metadata": {}, "locations": [], "size": None, "retired": False}
+            )
+            subject: ParsedSubject | None = described.get(subject_id)
+            if subject is not None:
+                entry["metadata"] = entry["metadata"] or dict(subject.metadata)
+                entry["locations"] = entry["locations"] or list(subject.locations)
+                entry["retired"] = entry["retired"] or bool(subject.retired)
+            if position == 0 and size is not None:
+                entry["size"] = entry["size"] or size
+    _merge_subjects(session, incoming, now)
+
+
+def _merge_subjects(session: Session, incoming: dict[int, dict[str, Any]], now: datetime) -> None:
+    if not incoming:
+        return
+    existing = {s.id: s for s in session.scalars(select(Subject).where(Subject.id.in_(incoming)))}
+    new_rows = []
+    for subject_id in sorted(incoming):
+        entry = incoming[subject_id]
+        size = entry["size"] or (None, None)
+        stored = existing.get(subject_id)
+        if stored is None:
+            new_rows.append(
+                {
+                    "id": subject_id,
+                    "metadata": entry["metadata"],
+                    "locations": entry["locations"],
+                    "width": size[0],
+                    "height": size[1],
+                    "platform_retired": entry["retired"],
+                    "updated_at": now,
+                }
+            )
+            continue
+        changes: dict[str, Any] = {}
+        if entry["metadata"] and not stored.subject_metadata:
+            changes["subject_metadata"] = entry["metadata"]
+        if entry["locations"] and not stored.locations:
+            changes["locations"] = entry["locations"]
+        if size[0] is not None and stored.width is None:
+            changes["width"], changes["height"] = size
+        if entry["retired"] and not stored.platform_retired:
+            changes["platform_retired"] = True
+        if changes:
+            changes["updated_at"] = now
+            for name, value in changes.items():
+                setattr(stored, name, value)
+    if new_rows:
+        session.execute(
+            _insert(session, Subject).on_conflict_do_nothing(index_elements=["id"]), new_rows
+        )
+
+
+def upsert_subject_rows(session: Session, subjects: Iterable[ParsedSubject]) -> None:
+    """Store subjects from a subject export (metadata, locations, platform retirement)."""
+    incoming = {
+        s.id: {
+            "metadata": dict(s.metadata),
+            "locations": list(s.locations),
+            "size": None,
+            "retired": bool(s.retired),
+        }
+        for s in subjects
+    }
+    _merge_subjects(session, incoming, utcnow())
+
+
+def _enrich_duplicates(session: Session, duplicates: Sequence[ParsedClassification]) -> None:
+    """A richer copy (a stream event after a Caesar body) adds gold flags; answers never change."""
+    for parsed in duplicates:
+        if parsed.gold_standard is None and parsed.expert is None:
+            continue
+        session.execute(
+            update(Classification)
+            .where(Classification.id == parsed.id, Classification.gold_standard.is_(None))
+            .values(gold_standard=parsed.gold_standard, expert=parsed.expert)
+        )
+
+
+def _insert_votes(
+    session: Session,
+    fresh: Sequence[ParsedClassification],
+    volunteer_ids: dict[int, int],
+    now: datetime,
+) -> None:
+    """Views, answers and marks of newly stored classifications; their subjects become pending.
+
+    A classification's answers and marks belong to its first subject (Caesar's convention for
+    multi-subject classifications); every subject id stays in the stored classification.
+    """
+    if not fresh:
+        return
+    views, answers, marks = [], [], []
+    pending: set[tuple[int, int]] = set()
+    for p in fresh:
+        if not p.subject_ids:
+            continue
+        subject_id = p.subject_ids[0]
+        pending.add((p.workflow_id, subject_id))
+        views.append(
+            {
+                "classification_id": p.id,
+                "workflow_id": p.workflow_id,
+                "subject_id": subject_id,
+                "volunteer_id": volunteer_ids[p.id],
+                "created_at": p.created_at,
+            }
+        )
+        for a in p.answers:
+            answers.append(
+                {
+                    "classification_id": p.id,
+                    "workflow_id": p.workflow_id,
+                    "subject_id": subject_id,
+                    "task": a.task,
+                    "value": a.index,
+                    "label": a.label,
+                }
+            )
+        for m in p.marks:
+            marks.append(
+                {
+                    "classification_id": p.id,
+                    "workflow_id": p.workflow_id,
+                    "subject_id": subject_id,
+                    "task": m.task,
+                    "tool": m.tool,
+                    "frame": m.frame,
+                    "kind": m.kind,
+                    "x1": m.x1,
+                    "y1": m.y1,
+                    "x2": m.x2,
+                    "y2": m.y2,
+                    "details": list(m.details) or None,
+                }
+            )
+    for model, rows in ((View, views), (Answer, answers), (Mark, marks)):
+        if rows:
+            session.execute(_insert(session, model), rows)
+    mark_subjects_pending(session, pending, now)
+
+
+def mark_subjects_pending(
+    session: Session, keys: Iterable[tuple[int, int]], now: datetime | None = None
+) -> None:
+    """Flag (workflow, subject) pairs as needing their posterior recomputed."""
+    rows = [
+        {"workflow_id": w, "subject_id": s, "pending": True, "updated_at": now or utcnow()}
+        for w, s in sorted(set(keys))
+    ]
+    if not rows:
+        return
+    statement = _insert(session, WorkflowSubject)
+    statement = statement.on_conflict_do_update(
+        index_elements=["workflow_id", "subject_id"],
+        set_={"pending": True, "updated_at": statement.excluded.updated_at},
+    )
+    session.execute(statement, rows)
+
+
+def claim_pending_subjects(session: Session, workflow_id: int, limit: int) -> list[int]:
+    """Pending subjects of a workflow, locked for this transaction (others skip them)."""
+    query: Select[tuple[int]] = (
+        select(WorkflowSubject.subject_id)
+        .where(WorkflowSubject.workflow_id == workflow_id, WorkflowSubject.pending.is_(True))
+        .order_by(WorkflowSubject.subject_id)
+        .limit(limit)
+    )
+    if is_postgres(session):
+        query = query.with_for_update(skip_locked=True)
+    return list(session.scalars(query))
+
+
+def workflows_with_pending(session: Session) -> list[int]:
+    """Configured workflows that have subjects waiting to be applied."""
+    query = (
+        select(WorkflowSubject.workflow_id)
+        .join(Workflow, Workflow.id == WorkflowSubject.workflow_id)
+        .where(WorkflowSubject.pending.is_(True), Workflow.config.is_not(None))
+        .distinct()
+    )
+    return list(session.scalars(query))
+
+
+def count_pending(session: Session) -> int:
+    return int(session.scalar(select(func.count()).where(WorkflowSubject.pending.is_(True))) or 0)
+
+
+@dataclass(frozen=True)
+class VoteRow:
+    """One stored classification of a subject, with the question answer it carries (if any)."""
+
+    classification_id: int
+    subject_id: int
+    volunteer_id: int
+    created_at: datetime
+    version: tuple[int, int] | None
+    answer_value: int | None
+    answer_label: str | None
+
+
+def subject_votes(
+    session: Session, workflow_id: int, subject_ids: Sequence[int], task: str | None
+) -> list[VoteRow]:
+    """Every view of the given subjects, each with its answer to `task` (None when it has none)."""
+    answer = (
+        select(Answer.classification_id, Answer.value, Answer.label)
+        .where(
+            Answer.workflow_id == workflow_id,
+            Answer.subject_id.in_(subject_ids),
+            Answer.task == (task or ""),
+        )
+        .subquery()
+    )
+    query = (
+        select(
+            View.classification_id,
+            View.subject_id,
+            View.volunteer_id,
+            View.created_at,
+            Classification.version_major,
+            Classification.version_minor,
+            answer.c.value,
+            answer.c.label,
+        )
+        .join(Classification, Classification.id == View.classification_id)
+        .outerjoin(answer, answer.c.classification_id == View.classification_id)
+        .where(View.workflow_id == workflow_id, View.subject_id.in_(subject_ids))
+        .order_by(View.subject_id, View.created_at, View.classification_id)
+    )
+    return [
+        VoteRow(
+            cid, sid, vid, created, None if major is None else (major, minor or 0), value, label
+        )
+        for cid, sid, vid, created, major, minor, value, label in session.execute(query)
+    ]
+
+
+def save_subject_states(
+    session: Session, workflow_id: int, states: Sequence[dict[str, Any]]
+) -> None:
+    """Write recomputed subject states and clear their pending flags; views become applied."""
+    now = utcnow()
+    for state in states:
+        session.execute(
+            update(WorkflowSubject)
+            .where(
+                WorkflowSubject.workflow_id == workflow_id,
+                WorkflowSubject.subject_id == state["subject_id"],
+            )
+            .values(
+                pending=False,
+                updated_at=now,
+                **{k: v for k, v in state.items() if k != "subject_id"},
+            )
+        )
+    subject_ids = [s["subject_id"] for s in states]
+    session.execute(
+        update(View)
+        .where(
+            View.workflow_id == workflow_id,
+            View.subject_id.in_(subject_ids),
+            View.applied_at.is_(None),
+        )
+        .values(applied_at=now)
+    )

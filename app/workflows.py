@@ -1,0 +1,175 @@
+"""Workflow configuration: what a researcher sets for one workflow (self-service).
+
+A configuration names the question task and maps its answers to classes (by index AND by label,
+since stream payloads carry indices and CSV exports carry labels), the drawing task and its tools,
+the oldest workflow version whose classifications count, the repeat policy, and the settings that
+later stages read (priors, retirement rule, effects, export schedule). Invalid configurations are
+rejected with an `InputError` naming the field.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from app.errors import InputError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class AnswerMapping(_Strict):
+    """One answer of the question task: its index and label on the platform, and its class."""
+
+    index: int = Field(ge=0)
+    label: str | None = None
+    class_: str = Field(alias="class")
+
+
+class QuestionTask(_Strict):
+    task: str = Field(min_length=1, max_length=64)
+    answers: list[AnswerMapping] = Field(min_length=1)
+
+
+class Tool(_Strict):
+    """A drawing tool: a rectangle, or a point that becomes a box of `box_size` around the click."""
+
+    index: int = Field(ge=0)
+    type: Literal["rectangle", "point"]
+    label: str | None = None
+    category: str = Field(min_length=1, max_length=100)
+    box_size: tuple[float, float] | None = None
+
+    @model_validator(mode="after")
+    def _points_need_a_size(self) -> Tool:
+        if self.type == "point" and self.box_size is None:
+            raise ValueError("a point tool needs box_size: [width, height]")
+        if self.box_size is not None and not all(0 < s < 1e6 for s in self.box_size):
+            raise ValueError("box_size must be two positive numbers")
+        return self
+
+
+class DrawingTask(_Strict):
+    task: str = Field(min_length=1, max_length=64)
+    tools: list[Tool] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_indices(self) -> DrawingTask:
+        indices = [tool.index for tool in self.tools]
+        if len(set(indices)) != len(indices):
+            raise ValueError("tool indices must be unique")
+        return self
+
+
+class Priors(_Strict):
+    """Priors of the answer engine (filled in by the answer-engine settings)."""
+
+    class_prior: dict[str, float] | None = None
+    confusion_strength: float = Field(default=6.0, gt=0)
+
+
+class Retirement(_Strict):
+    """When a subject is settled (the answer engine reads this)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    min_views: int = Field(default=3, ge=1)
+    cap: int | None = Field(default=None, ge=1)
+
+
+class WorkflowConfig(_Strict):
+    """Everything a researcher configures for one workflow."""
+
+    name: str | None = Field(default=None, max_length=200)
+    classes: list[str] = Field(default_factory=list)
+    question: QuestionTask | None = None
+    drawing: DrawingTask | None = None
+    min_workflow_version: str | None = Field(default=None, pattern=r"^\d+(\.\d+)?$")
+    repeats: Literal["keep_first", "keep_last"] = "keep_first"
+    priors: Priors = Field(default_factory=Priors)
+    retirement: Retirement = Field(default_factory=Retirement)
+    effects: dict[str, Any] = Field(default_factory=dict)
+    exports: dict[str, Any] = Field(default_factory=dict)
+    refit_interval_s: float | None = Field(default=None, gt=0)
+
+    def class_of_index(self) -> dict[int, int]:
+        """Answer index on the platform -> class number (0..K-1)."""
+        assert self.question is not None
+        return {a.index: self.classes.index(a.class_) for a in self.question.answers}
+
+    def class_of_label(self) -> dict[str, int]:
+        """Answer label (as CSV exports carry it) -> class number."""
+        assert self.question is not None
+        return {
+            a.label: self.classes.index(a.class_)
+            for a in self.question.answers
+            if a.label is not None
+        }
+
+    def tool(self, index: int) -> Tool | None:
+        if self.drawing is None:
+            return None
+        return next((t for t in self.drawing.tools if t.index == index), None)
+
+    def min_version(self) -> tuple[int, int] | None:
+        return parse_version(self.min_workflow_version)
+
+    def to_json(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+    def digest(self) -> str:
+        """A stable hash of the configuration (exports record it)."""
+        text = json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()
+
+
+def parse_version(version: str | None) -> tuple[int, int] | None:
+    """`"18.42"` -> (18, 42); None or unparseable -> None."""
+    if not version:
+        return None
+    major, _, minor = str(version).partition(".")
+    try:
+        return int(major), int(minor or 0)
+    except ValueError:
+        return None
+
+
+def load_config(data: Any) -> WorkflowConfig:
+    """Validate a configuration; an invalid one raises InputError naming the field."""
+    if not isinstance(data, dict):
+        raise InputError("a workflow configuration must be a JSON object", field="body")
+    try:
+        config = WorkflowConfig.model_validate(data)
+    except ValidationError as error:
+        first = error.errors()[0]
+        field = ".".join(str(part) for part in first["loc"]) or "body"
+        raise InputError(f"{field}: {first['msg']}", field=field) from None
+    _check_cross_fields(config)
+    return config
+
+
+def _check_cross_fields(config: WorkflowConfig) -> None:
+    """Checks that span several fields, each naming the field at fault."""
+    if config.question is None and config.drawing is None:
+        raise InputError("configure at least a question task or a drawing task", field="question")
+    if config.question is None:
+        return
+    if len(config.classes) < 2:
+        raise InputError("a question task needs at least two classes", field="classes")
+    if len(set(config.classes)) != len(config.classes):
+        raise InputError("classes must be unique", field="classes")
+    seen: set[int] = set()
+    for i, answer in enumerate(config.question.answers):
+        if answer.class_ not in config.classes:
+            raise InputError(
+                f"answer {answer.index} maps to unknown class {answer.class_!r}",
+                field=f"question.answers.{i}.class",
+            )
+        if answer.index in seen:
+            raise InputError(
+                f"answer index {answer.index} is mapped twice", field=f"question.answers.{i}.index"
+            )
+        seen.add(answer.index)

@@ -1,0 +1,28 @@
+"""RQ job functions: plain importable functions that take ids, never rows."""
+
+from __future__ import annotations
+
+from app import aggregation, store
+from app.pipeline import RQDispatcher, start_of_job
+from workers.context import context
+
+
+def apply_workflow(workflow_id: int) -> int:
+    """Apply every pending subject of one workflow; returns how many subjects were applied."""
+    ctx = context()
+    if ctx.redis is not None:
+        start_of_job(ctx.redis, workflow_id)
+    return aggregation.apply_pending(ctx.sessions, workflow_id, ctx.settings.apply_batch_size)
+
+
+def sweep() -> list[int]:
+    """Queue a job for every workflow with pending subjects (recovers work Redis lost)."""
+    ctx = context()
+    with ctx.sessions() as session:
+        workflow_ids = store.workflows_with_pending(session)
+    if ctx.redis is not None:
+        for workflow_id in workflow_ids:
+            # Force a new job even if a (possibly lost) debounce key is still set.
+            start_of_job(ctx.redis, workflow_id)
+        RQDispatcher(ctx.redis).notify(workflow_ids)
+    return workflow_ids
