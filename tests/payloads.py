@@ -203,3 +203,72 @@ def caesar(data: dict[str, Any]) -> dict[str, Any]:
         "created_at": data["created_at"],
         "updated_at": data["updated_at"],
     }
+
+
+EXPORT_COLUMNS = (
+    "classification_id,user_name,user_id,user_ip,workflow_id,workflow_name,workflow_version,"
+    "created_at,gold_standard,expert,metadata,annotations,subject_data,subject_ids"
+).split(",")
+
+
+def export_row(
+    classification_id: int,
+    subject_id: int,
+    user_id: int | None,
+    label: str = "Yes",
+    box: tuple[float, float, float, float] | None = None,
+) -> dict[str, str]:
+    """One row of a Panoptes classification export: answers as labels, anonymous as not-logged-in."""
+    import json
+
+    annotations: list[dict[str, Any]] = [
+        {"task": "T0", "task_label": "Is it clumpy?", "value": label}
+    ]
+    if box is not None:
+        x, y, w, h = box
+        annotations.append(
+            {
+                "task": "T1",
+                "task_label": "Mark clumps",
+                "value": [
+                    {
+                        "tool": 1,
+                        "tool_label": "Odd clump",
+                        "frame": 0,
+                        "x": x,
+                        "y": y,
+                        "width": w,
+                        "height": h,
+                        "details": [],
+                    }
+                ],
+            }
+        )
+    anonymous = user_id is None
+    return {
+        "classification_id": str(classification_id),
+        "user_name": f"not-logged-in-{classification_id % 5:08x}"
+        if anonymous
+        else f"user{user_id}",
+        "user_id": "" if anonymous else str(user_id),
+        "user_ip": f"{classification_id % 5:08x}",
+        "workflow_id": str(WORKFLOW),
+        "workflow_name": "Find the clumps",
+        "workflow_version": "18.42",
+        "created_at": "2025-03-04 10:00:04 UTC",
+        "gold_standard": "",
+        "expert": "",
+        "metadata": json.dumps(_metadata()),
+        "annotations": json.dumps(annotations),
+        "subject_data": json.dumps({str(subject_id): {"retired": None, "ra": "150.1"}}),
+        "subject_ids": str(subject_id),
+    }
+
+
+def write_export(path: Any, rows: list[dict[str, str]]) -> None:
+    import csv
+
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=EXPORT_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
