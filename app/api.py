@@ -84,6 +84,7 @@ def create_app(
     settings: Settings,
     sessions: sessionmaker[Session],
     dispatcher: Dispatcher,
+    committer: ingest.GroupCommitter,
     redis: Any = None,
 ) -> FastAPI:
     """The gzx HTTP API over the given database sessions and job dispatcher."""
@@ -162,9 +163,7 @@ def create_app(
     def record(
         items: list[parsing.ParsedClassification], route: str, alone: bool
     ) -> ingest.IngestOutcome:
-        outcome = ingest.ingest(
-            sessions, dispatcher, items, ip_salt=settings.ip_salt, each_stands_alone=alone
-        )
+        outcome = committer.submit(items, each_stands_alone=alone)
         metrics.ingested.labels(route).inc(outcome.count("stored"))
         metrics.duplicates.labels(route).inc(outcome.count("duplicate"))
         metrics.rejected.labels(route).inc(outcome.count("rejected"))

@@ -4,6 +4,9 @@ once each, and only after the commit handed to the pipeline.
 
 from __future__ import annotations
 
+import logging
+import queue
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -17,11 +20,13 @@ from app.parsing import ParsedClassification
 from app.pipeline import Dispatcher
 from app.workflows import WorkflowConfig, load_config
 
+log = logging.getLogger("gzx.ingest")
+
 
 def check_against_config(parsed: ParsedClassification, config: WorkflowConfig) -> None:
     """Reject marks from tools the configured drawing task does not have.
 
-    Annotations of tasks the workflow does not configure are not an error: they are kept and ignored.
+    Annotations of tasks the workflow does not configure are not an error: kept, and ignored.
     """
     if config.drawing is None:
         return
@@ -68,23 +73,139 @@ def ingest(
     With `each_stands_alone` (stream batches) an item that fails the configuration check is
     rejected alone; otherwise the first failure rejects the whole request.
     """
-    outcome = IngestOutcome(outcomes=["rejected"] * len(items))
+    request = _Request(items, each_stands_alone, outcome=IngestOutcome(["rejected"] * len(items)))
     with sessions.begin() as session:
         configs = workflow_configs(session, {p.workflow_id for p in items})
-        accepted: list[tuple[int, ParsedClassification]] = []
-        for position, parsed in enumerate(items):
-            config = configs.get(parsed.workflow_id)
-            try:
-                if config is not None:
-                    check_against_config(parsed, config)
-            except GzxError as error:
-                if not each_stands_alone:
-                    raise InputError(error.message, field=f"[{position}].{error.field}") from None
-                outcome.errors[position] = error.to_dict()
-                continue
-            accepted.append((position, parsed))
+        accepted = _check_all(request, configs)
         result = store.record_classifications(session, [p for _, p in accepted], ip_salt=ip_salt)
+    outcome = request.outcome
+    assert outcome is not None
     for (position, _), stored in zip(accepted, result.outcomes, strict=True):
         outcome.outcomes[position] = stored
     dispatcher.notify(result.workflow_ids & set(configs))
     return outcome
+
+
+@dataclass
+class _Request:
+    items: Sequence[ParsedClassification]
+    each_stands_alone: bool
+    done: threading.Event = field(default_factory=threading.Event)
+    outcome: IngestOutcome | None = None
+    error: BaseException | None = None
+
+
+class GroupCommitter:
+    """Commits the classifications of concurrent requests together, one transaction per group.
+
+    Requests queue up while the previous group commits; the committer thread then takes all that
+    are waiting (natural batching: no added delay when the service is idle). Each request keeps
+    its own answer: with `each_stands_alone` false, an item failing the configuration check
+    rejects only its own request. A failure of the transaction itself fails every request of the
+    group (nothing of it is stored), and their senders retry.
+    """
+
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        dispatcher: Dispatcher,
+        *,
+        ip_salt: str,
+        max_items: int = 2000,
+    ) -> None:
+        self._sessions = sessions
+        self._dispatcher = dispatcher
+        self._ip_salt = ip_salt
+        self._max_items = max_items
+        self._queue: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="gzx-group-commit", daemon=True)
+        self._thread.start()
+
+    def submit(
+        self, items: Sequence[ParsedClassification], *, each_stands_alone: bool
+    ) -> IngestOutcome:
+        request = _Request(items, each_stands_alone)
+        self._queue.put(request)
+        request.done.wait()
+        if request.error is not None:
+            raise request.error
+        assert request.outcome is not None
+        return request.outcome
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            group = [first]
+            size = len(first.items)
+            while size < self._max_items:
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    self._queue.put(None)
+                    break
+                group.append(more)
+                size += len(more.items)
+            self._commit(group)
+
+    def _commit(self, group: list[_Request]) -> None:
+        try:
+            workflow_ids = self._store(group)
+        except BaseException as error:  # every request of the group learns of it
+            for request in group:
+                request.error = error
+                request.done.set()
+            return
+        try:
+            self._dispatcher.notify(workflow_ids)  # after the commit, before anyone is answered
+        except Exception:
+            log.exception("notifying the pipeline failed; the sweeper will pick the work up")
+        for request in group:
+            request.done.set()
+
+    def _store(self, group: list[_Request]) -> set[int]:
+        with self._sessions.begin() as session:
+            configs = workflow_configs(session, {p.workflow_id for r in group for p in r.items})
+            accepted: list[tuple[_Request, int, ParsedClassification]] = []
+            for request in group:
+                request.outcome = IngestOutcome(outcomes=["rejected"] * len(request.items))
+                try:
+                    mine = _check_all(request, configs)
+                except InputError as error:
+                    request.error = error
+                    continue
+                accepted.extend((request, position, parsed) for position, parsed in mine)
+            result = store.record_classifications(
+                session, [parsed for _, _, parsed in accepted], ip_salt=self._ip_salt
+            )
+        for (request, position, _), stored in zip(accepted, result.outcomes, strict=True):
+            assert request.outcome is not None
+            request.outcome.outcomes[position] = stored
+        return result.workflow_ids & set(configs)
+
+
+def _check_all(
+    request: _Request, configs: dict[int, WorkflowConfig]
+) -> list[tuple[int, ParsedClassification]]:
+    """The items of one request that pass their workflow's configuration check."""
+    assert request.outcome is not None
+    accepted = []
+    for position, parsed in enumerate(request.items):
+        config = configs.get(parsed.workflow_id)
+        try:
+            if config is not None:
+                check_against_config(parsed, config)
+        except GzxError as error:
+            if not request.each_stands_alone:
+                raise InputError(error.message, field=f"[{position}].{error.field}") from None
+            request.outcome.errors[position] = error.to_dict()
+            continue
+        accepted.append((position, parsed))
+    return accepted

@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from app import aggregation, store
 from app.api import create_app
 from app.db import make_engine, make_sessionmaker
+from app.ingest import GroupCommitter
 from app.pipeline import Dispatcher, InProcessDispatcher, RQDispatcher
 from app.settings import Settings
 
@@ -24,9 +25,11 @@ class Service:
     sessions: sessionmaker[Session]
     redis: Redis | None
     dispatcher: Dispatcher
+    committer: GroupCommitter
     app: FastAPI
 
     def close(self) -> None:
+        self.committer.close()
         self.dispatcher.close()
         self.engine.dispose()
 
@@ -54,5 +57,6 @@ def build_service(settings: Settings) -> Service:
     dispatcher: Dispatcher = (
         RQDispatcher(redis) if redis is not None else in_process_dispatcher(settings, sessions)
     )
-    app = create_app(settings, sessions, dispatcher, redis)
-    return Service(settings, engine, sessions, redis, dispatcher, app)
+    committer = GroupCommitter(sessions, dispatcher, ip_salt=settings.ip_salt)
+    app = create_app(settings, sessions, dispatcher, committer, redis)
+    return Service(settings, engine, sessions, redis, dispatcher, committer, app)

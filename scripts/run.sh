@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The first command of the README: install gzx into .venv and run it on the embedded default
+# (a SQLite file in this folder, jobs in-process, no other service).
+#   bash scripts/run.sh [gzx serve options...]
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+if [ ! -x .venv/bin/python ]; then
+    python3 -m venv .venv
+fi
+stamp=.venv/.gzx-run-install
+want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+    .venv/bin/pip install -q --disable-pip-version-check -e .
+    echo "$want" >"$stamp"
+fi
+exec .venv/bin/gzx serve "$@"
