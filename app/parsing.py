@@ -459,6 +459,10 @@ def _answers(ann: dict[str, Any], task: str, at: str, labels: bool) -> list[Pars
     """The answers a question annotation gives; [] when the value is not a question's."""
     value, where = ann.get("value"), _join(at, "value")
     task_type = ann.get("taskType")
+    if task_type is not None and not isinstance(task_type, str):
+        raise InputError(
+            f"taskType must be a string, got {_kind_of(task_type)}", field=_join(at, "taskType")
+        )
     if task_type in _UNINTERPRETED_TYPES:
         return []
     is_question = task_type in _QUESTION_TYPES
