@@ -58,31 +58,11 @@ import copy
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, TypeGuard
 
 from app.errors import InputError, PayloadTooLarge
-
-__all__ = [
-    "DEFAULT_LIMITS",
-    "BatchItem",
-    "FeedbackRule",
-    "GoldSignal",
-    "Limits",
-    "ParsedAnswer",
-    "ParsedClassification",
-    "ParsedMark",
-    "ParsedSubject",
-    "gold_from_metadata",
-    "parse_caesar_extract",
-    "parse_classification",
-    "parse_classifications_body",
-    "parse_export_row",
-    "parse_kinesis_batch",
-    "parse_subject_export_row",
-]
-
 
 # --- output records --------------------------------------------------------------------------
 
@@ -380,11 +360,9 @@ def _classifier_version(metadata: dict[str, Any], at: str) -> str:
 
 def _json_cell(row: dict[str, str], column: str, limits: Limits) -> object:
     """Decode a CSV cell holding JSON; an empty cell is None."""
-    text = row.get(column)
-    if text is None or text.strip() == "":
+    text = _cell(row, column)
+    if not text:
         return None
-    if not isinstance(text, str):
-        raise InputError(f"must be a string, got {_kind_of(text)}", field=column)
     try:
         value = json.loads(text)
     except (ValueError, RecursionError):
@@ -405,6 +383,9 @@ def _cell(row: dict[str, str], column: str, *, required: bool = False) -> str:
 
 
 # --- annotations -------------------------------------------------------------------------------
+
+
+_Corners = tuple[float, float, float, float]  # x1, y1 (top-left), x2, y2 (bottom-right)
 
 
 @dataclass(frozen=True)
@@ -505,7 +486,7 @@ def _loose_number(value: object) -> float:
         return 0.0
 
 
-def _corners(raw: dict[str, Any], kind: str, at: str, v2: bool) -> tuple[float, ...]:
+def _corners(raw: dict[str, Any], kind: str, at: str, v2: bool) -> _Corners:
     if kind == "point":
         x, y = _number(raw.get("x"), _join(at, "x")), _number(raw.get("y"), _join(at, "y"))
         return x, y, x, y
@@ -530,12 +511,12 @@ def _corners(raw: dict[str, Any], kind: str, at: str, v2: bool) -> tuple[float, 
     else:
         x, y = _number(raw.get("x"), _join(at, "x")), _number(raw.get("y"), _join(at, "y"))
         corners = (x, y, x + width, y + height)
-    if not all(math.isfinite(c) for c in corners):
+    if not all(math.isfinite(c) for c in corners):  # x + width can overflow
         raise InputError("rectangle corners overflow", field=_join(at, "width"))
     return corners
 
 
-def _check_inside(corners: tuple[float, ...], frame: _Frame, raw: dict[str, Any], at: str) -> None:
+def _check_inside(corners: _Corners, frame: _Frame, raw: dict[str, Any], at: str) -> None:
     """Refuse a mark far outside its image: beyond twice its size, or below minus its size."""
     x1, y1, x2, y2 = corners
     for lo, hi, size, axis in ((x1, x2, frame.width, "x"), (y1, y2, frame.height, "y")):
@@ -566,19 +547,9 @@ def _mark(task: str, value: object, at: str, v2: bool, frames: list[_Frame | Non
     if v2:  # FEM details only name the subtasks; the answers arrive as markIndex annotations
         details = [d for d in details if isinstance(d, dict) and "value" in d]
     label = raw.get("tool_label")
+    label = label if isinstance(label, str) else None
     x1, y1, x2, y2 = corners
-    return ParsedMark(
-        task=task,
-        tool=tool,
-        frame=frame,
-        kind=kind,
-        x1=x1,
-        y1=y1,
-        x2=x2,
-        y2=y2,
-        tool_label=label if isinstance(label, str) else None,
-        details=tuple(details),
-    )
+    return ParsedMark(task, tool, frame, kind, x1, y1, x2, y2, label, tuple(details))
 
 
 def _read_annotations(
@@ -645,7 +616,7 @@ def _read_annotations(
         for j, mark in enumerate(marks[task]):
             extra = attached.get((task, j))
             if extra:
-                mark = ParsedMark(**{**mark.__dict__, "details": (*mark.details, *extra)})
+                mark = replace(mark, details=(*mark.details, *extra))
             out.append(mark)
     return tuple(answers), tuple(out)
 
@@ -683,14 +654,14 @@ def _locations(value: object, at: str) -> tuple[dict[str, str], ...]:
     return tuple(dict(location) for location in items)
 
 
-def _subject(obj: object, at: str, retired: bool | None = None) -> ParsedSubject:
+def _subject(obj: object, at: str) -> ParsedSubject:
     subject = _object(obj, at, "a subject")
     metadata = subject.get("metadata")
     return ParsedSubject(
         id=_id(_required(subject, "id", at), _join(at, "id")),
         metadata={} if metadata is None else _object(metadata, _join(at, "metadata"), "metadata"),
         locations=_locations(subject.get("locations"), _join(at, "locations")),
-        retired=retired,
+        retired=None,
     )
 
 
@@ -999,7 +970,8 @@ def parse_subject_export_row(row: dict[str, str], limits: Limits = DEFAULT_LIMIT
 def gold_from_metadata(metadata: dict[str, Any]) -> GoldSignal | None:
     """The truth a subject's metadata carries (``#training_subject``, ``#feedback_N_*``), or None.
 
-    A malformed feedback value (``#feedback_1_x: "left"``) is an InputError naming the key.
+    A malformed feedback value (``#feedback_1_x: "left"``) is an InputError naming the key. A rule
+    may give x without y (FEM's column strategy); each of its fields is None when absent.
     """
     if not isinstance(metadata, dict):
         raise InputError(f"metadata must be a JSON object, got {_kind_of(metadata)}", "metadata")
@@ -1027,12 +999,8 @@ def gold_from_metadata(metadata: dict[str, Any]) -> GoldSignal | None:
             name: _number(got[name], at[name]) if name in got else None
             for name in ("x", "y", "tolerance")
         }
-        if (point["x"] is None) != (point["y"] is None):
-            missing = "y" if point["y"] is None else "x"
-            raise InputError(
-                "a feedback point needs both x and y",
-                field=_join("metadata", f"#feedback_{number}_{missing}"),
-            )
+        if index is None and label is None and all(v is None for v in point.values()):
+            continue  # an id or a message alone is no truth
         rule_id = got.get("id")
         rules.append(
             FeedbackRule(

@@ -500,7 +500,13 @@ def test_a_training_subject_with_feedback_gives_its_point_and_answer() -> None:
 
 @pytest.mark.parametrize(
     "metadata",
-    [{}, {"ra": "150.1"}, {"#training_subject": "false"}, {"#feedback_1_answer": ""}],
+    [
+        {},
+        {"ra": "150.1"},
+        {"#training_subject": "false"},
+        {"#feedback_1_answer": ""},
+        {"#feedback_1_id": "clump-a", "#feedback_1_successMessage": "Well spotted!"},
+    ],
 )
 def test_metadata_without_truth_gives_none(metadata: dict[str, Any]) -> None:
     """No training flag and no feedback rule means no gold signal."""
@@ -508,17 +514,19 @@ def test_metadata_without_truth_gives_none(metadata: dict[str, Any]) -> None:
 
 
 def test_a_training_flag_alone_is_a_gold_signal_and_labels_are_kept() -> None:
-    """A boolean training flag alone counts; a non-numeric answer is kept as a label."""
+    """A training flag alone counts; a non-numeric answer is a label; x alone (a column) is kept."""
     assert gold_from_metadata({"#training_subject": True}) == GoldSignal(True, ())
     signal = gold_from_metadata({"#feedback_3_answer": "Clumpy"})
     assert signal == GoldSignal(False, (FeedbackRule(3, None, None, "Clumpy", None, None, None),))
+    column = gold_from_metadata({"#feedback_1_x": "30", "#feedback_1_tolerance": "5"})
+    assert column == GoldSignal(False, (FeedbackRule(1, None, None, None, 30.0, None, 5.0),))
 
 
 @pytest.mark.parametrize(
     ("metadata", "field"),
     [
         ({"#feedback_1_x": "left", "#feedback_1_y": "1"}, "metadata.#feedback_1_x"),
-        ({"#feedback_1_x": "1"}, "metadata.#feedback_1_y"),
+        ({"#feedback_1_y": "1", "#feedback_1_tolerance": [5]}, "metadata.#feedback_1_tolerance"),
         (
             {"#feedback_2_x": "1", "#feedback_2_y": "2", "#feedback_2_tolerance": "NaN"},
             "metadata.#feedback_2_tolerance",
@@ -526,7 +534,7 @@ def test_a_training_flag_alone_is_a_gold_signal_and_labels_are_kept() -> None:
     ],
 )
 def test_a_malformed_feedback_value_names_the_key(metadata: dict[str, Any], field: str) -> None:
-    """A feedback coordinate that is not a finite number, or half a point, names its key."""
+    """A feedback coordinate or tolerance that is not a finite number names its key."""
     assert refusal(gold_from_metadata, metadata).field == field
 
 
