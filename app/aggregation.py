@@ -1,20 +1,26 @@
-"""Applying stored classifications to subjects: the step every job and the sweeper run.
+"""Applying stored classifications to subjects, and refitting volunteers' skills.
 
-A subject's state is a pure function of its stored classifications and the workflow config, so
-applying is idempotent and order-independent: duplicate deliveries, retried jobs and crashed
-workers cannot change the result.
+A subject's state is a pure function of its stored classifications, the workflow's skill snapshot
+and its config, so applying is idempotent and order-independent: duplicate deliveries, retried
+jobs and crashed workers cannot change the result. The numbers come from `app.answers`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
+from sqlalchemy import text, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from app import store
-from app.models import Workflow
+from app import answers, store
+from app.models import Retirement, Workflow, WorkflowSubject, utcnow
 from app.workflows import WorkflowConfig, load_config
+
+IntArray = npt.NDArray[np.int64]
 
 
 def select_votes(votes: Sequence[store.VoteRow], config: WorkflowConfig) -> list[store.VoteRow]:
@@ -30,64 +36,206 @@ def select_votes(votes: Sequence[store.VoteRow], config: WorkflowConfig) -> list
         key = (vote.subject_id, vote.volunteer_id)
         if config.repeats == "keep_last" or key not in chosen:
             chosen[key] = vote
-    kept = set(id(v) for v in chosen.values())
+    kept = {id(v) for v in chosen.values()}
     return [v for v in usable if id(v) in kept]
 
 
-def class_of_vote(vote: store.VoteRow, config: WorkflowConfig) -> int | None:
-    """The class a vote's answer maps to (by index, else by label), or None."""
+def class_of_vote(value: int | None, label: str | None, config: WorkflowConfig) -> int | None:
+    """The class an answer maps to (by index, else by label), or None."""
     if config.question is None:
         return None
-    if vote.answer_value is not None:
-        return config.class_of_index().get(vote.answer_value)
-    if vote.answer_label is not None:
-        return config.class_of_label().get(vote.answer_label)
+    if value is not None:
+        return config.class_of_index().get(value)
+    if label is not None:
+        return config.class_of_label().get(label)
     return None
 
 
-def update_subjects(
+def class_prior(config: WorkflowConfig) -> npt.NDArray[np.float64] | None:
+    """The workflow's fixed class prior, or None when it is learned."""
+    given = config.priors.class_prior
+    if not given:
+        return None
+    prior = np.array([float(given.get(name, 0.0)) for name in config.classes])
+    return prior / prior.sum()
+
+
+def skills_for(
+    session: Session,
+    workflow_id: int,
+    config: WorkflowConfig,
+    snapshot: store.Snapshot | None,
+    volunteer_ids: IntArray,
+) -> answers.Skills:
+    """Skills of the given volunteers (in that order): the snapshot's counts plus their answers on
+    gold subjects stored since it was taken. Without a snapshot everyone is the average volunteer.
+    """
+    K = len(config.classes)
+    counts = np.zeros((volunteer_ids.size, K, K))
+    if snapshot is not None:
+        known = snapshot.volunteer_ids
+        if known.size:
+            position = np.clip(np.searchsorted(known, volunteer_ids), 0, known.size - 1)
+            found = known[position] == volunteer_ids
+            counts[found] = snapshot.counts[position[found]]
+        alpha, prior = snapshot.alpha, snapshot.class_prior
+    else:
+        alpha = answers.population_alpha(counts, config.priors.confusion_strength)
+        prior = np.full(K, 1.0 / K)
+    fixed = class_prior(config)
+    if fixed is not None:
+        prior = fixed
+    if config.question is not None and volunteer_ids.size:
+        after = snapshot.last_view_id if snapshot is not None else 0
+        rows = store.gold_votes_of(
+            session, workflow_id, volunteer_ids.tolist(), config.question.task, after
+        )
+        index = {int(v): i for i, v in enumerate(volunteer_ids)}
+        seen: set[tuple[int, int]] = set()
+        for volunteer, subject, _created, value, label, gold in rows:
+            answer = class_of_vote(value, label, config)
+            truth = config.classes.index(gold) if gold in config.classes else None
+            if answer is None or truth is None or (volunteer, subject) in seen:
+                continue
+            seen.add((volunteer, subject))
+            counts[index[volunteer], truth, answer] += 1.0
+    return answers.Skills(counts, np.asarray(alpha), np.asarray(prior))
+
+
+def current_snapshot(session: Session, workflow: Workflow) -> store.Snapshot | None:
+    if workflow.skill_snapshot_id is None:
+        return None
+    return store.load_snapshot(session, workflow.skill_snapshot_id)
+
+
+@dataclass(frozen=True)
+class SubjectVotes:
+    """The votes that count for a batch of subjects, as arrays (subject positions in the batch)."""
+
+    position: IntArray
+    volunteer: IntArray  # volunteer row ids
+    answer: IntArray  # classes
+    n_views: IntArray
+    n_classifications: IntArray
+    counts: IntArray  # (S,K) votes per class
+
+
+def gather_votes(
     session: Session, workflow_id: int, config: WorkflowConfig, subject_ids: Sequence[int]
-) -> list[dict[str, Any]]:
-    """Recompute the given subjects from all their stored classifications."""
+) -> SubjectVotes:
     task = config.question.task if config.question else None
-    votes = store.subject_votes(session, workflow_id, subject_ids, task)
-    raw_count: dict[int, int] = {}
-    seen_classification: set[int] = set()
-    for vote in votes:
-        if vote.classification_id not in seen_classification:
-            seen_classification.add(vote.classification_id)
-            raw_count[vote.subject_id] = raw_count.get(vote.subject_id, 0) + 1
-    unique_votes = _first_answer_per_classification(votes)
-    kept = select_votes(unique_votes, config)
-    n_classes = len(config.classes)
-    states = {
-        s: {
-            "subject_id": s,
-            "n_classifications": raw_count.get(s, 0),
-            "n_views": 0,
-            "counts": [0] * n_classes,
-        }
-        for s in subject_ids
-    }
-    for vote in kept:
-        state = states[vote.subject_id]
-        state["n_views"] += 1
-        k = class_of_vote(vote, config)
-        if k is not None:
-            state["counts"][k] += 1
-    result = list(states.values())
-    store.save_subject_states(session, workflow_id, result)
-    return result
-
-
-def _first_answer_per_classification(votes: Sequence[store.VoteRow]) -> list[store.VoteRow]:
+    rows = store.subject_votes(session, workflow_id, subject_ids, task)
+    position_of = {s: i for i, s in enumerate(subject_ids)}
+    n_classifications = np.zeros(len(subject_ids), dtype=np.int64)
+    first: list[store.VoteRow] = []
     seen: set[int] = set()
-    unique = []
-    for vote in votes:
-        if vote.classification_id not in seen:
-            seen.add(vote.classification_id)
-            unique.append(vote)
-    return unique
+    for row in rows:
+        if row.classification_id not in seen:  # one answer per classification
+            seen.add(row.classification_id)
+            first.append(row)
+            n_classifications[position_of[row.subject_id]] += 1
+    kept = select_votes(first, config)
+    n_views = np.zeros(len(subject_ids), dtype=np.int64)
+    position, volunteer, answer = [], [], []
+    for row in kept:
+        n_views[position_of[row.subject_id]] += 1
+        k = class_of_vote(row.answer_value, row.answer_label, config)
+        if k is not None:
+            position.append(position_of[row.subject_id])
+            volunteer.append(row.volunteer_id)
+            answer.append(k)
+    K = max(len(config.classes), 1)
+    p, u, a = (np.asarray(x, dtype=np.int64) for x in (position, volunteer, answer))
+    counts = np.bincount(p * K + a, minlength=len(subject_ids) * K).reshape(-1, K)
+    return SubjectVotes(p, u, a, n_views, n_classifications, counts)
+
+
+def update_subjects(
+    session: Session, workflow: Workflow, config: WorkflowConfig, subject_ids: Sequence[int]
+) -> list[dict[str, Any]]:
+    """Recompute the given subjects from all their stored classifications and decide retirement.
+
+    A retired subject stays retired; if its posterior would now decide otherwise (a refit moved
+    the skills, or later votes disagree), it is marked `contested` for a researcher to review.
+    """
+    votes = gather_votes(session, workflow.id, config, subject_ids)
+    states: list[dict[str, Any]] = [
+        {
+            "subject_id": s,
+            "n_classifications": int(votes.n_classifications[i]),
+            "n_views": int(votes.n_views[i]),
+            "counts": votes.counts[i].tolist(),
+        }
+        for i, s in enumerate(subject_ids)
+    ]
+    if config.question is not None:
+        _answer_posteriors(session, workflow, config, subject_ids, votes, states)
+    store.save_subject_states(session, workflow.id, states)
+    return states
+
+
+def _answer_posteriors(
+    session: Session,
+    workflow: Workflow,
+    config: WorkflowConfig,
+    subject_ids: Sequence[int],
+    votes: SubjectVotes,
+    states: list[dict[str, Any]],
+) -> None:
+    volunteers, local = np.unique(votes.volunteer, return_inverse=True)
+    skills = skills_for(
+        session, workflow.id, config, current_snapshot(session, workflow), volunteers
+    )
+    posterior = answers.subject_posteriors(
+        votes.position, local, votes.answer, len(subject_ids), skills
+    )
+    gold = store.gold_labels(session, workflow.id, subject_ids)
+    is_gold = np.array([s in gold for s in subject_ids], dtype=bool)
+    for i, s in enumerate(subject_ids):
+        if s in gold and gold[s] in config.classes:
+            posterior[i] = np.eye(len(config.classes))[config.classes.index(gold[s])]
+    reasons = answers.decide_retirement(posterior, votes.n_views, is_gold, config.retirement_rule())
+    existing = {
+        row.subject_id: row
+        for row in session.query(WorkflowSubject).filter(
+            WorkflowSubject.workflow_id == workflow.id, WorkflowSubject.subject_id.in_(subject_ids)
+        )
+    }
+    order = np.argsort(votes.position, kind="stable")
+    bounds = np.searchsorted(votes.position[order], np.arange(len(subject_ids) + 1))
+    now = utcnow()
+    for i, state in enumerate(states):
+        mine = order[bounds[i] : bounds[i + 1]]
+        history = answers.posterior_history(local[mine], votes.answer[mine], skills)
+        label = config.classes[int(posterior[i].argmax())]
+        state.update(
+            posterior=[float(x) for x in posterior[i]],
+            history=[[float(x) for x in row] for row in history],
+            label=label,
+        )
+        row = existing.get(state["subject_id"])
+        status = row.status if row is not None else "live"
+        reason = str(reasons[i])
+        if status == "live" and reason:
+            session.add(
+                Retirement(
+                    workflow_id=workflow.id,
+                    subject_id=state["subject_id"],
+                    reason=reason,
+                    posterior=state["posterior"],
+                    n_votes=int(votes.n_views[i]),
+                    source="online",
+                    created_at=now,
+                )
+            )
+            state.update(status="retired", reason=reason, retired_at=now, retired_label=label)
+        elif status == "retired" and row is not None:
+            would_retire = bool(reason) and reason != answers.CLASSIFICATION_COUNT
+            changed_mind = row.reason != answers.CLASSIFICATION_COUNT and (
+                not would_retire or label != row.retired_label
+            )
+            if changed_mind:
+                state.update(status="contested")
 
 
 def apply_pending(sessions: sessionmaker[Session], workflow_id: int, batch_size: int = 500) -> int:
@@ -102,5 +250,117 @@ def apply_pending(sessions: sessionmaker[Session], workflow_id: int, batch_size:
             subject_ids = store.claim_pending_subjects(session, workflow_id, batch_size)
             if not subject_ids:
                 return total
-            update_subjects(session, workflow_id, config, subject_ids)
+            update_subjects(session, workflow, config, subject_ids)
         total += len(subject_ids)
+
+
+@dataclass(frozen=True)
+class RefitReport:
+    snapshot_id: int
+    n_votes: int
+    n_subjects: int
+    n_volunteers: int
+    n_iter: int
+    converged: bool
+
+
+def votes_that_count(table: store.VoteTable, config: WorkflowConfig) -> npt.NDArray[np.bool_]:
+    """Vectorised repeat policy and version floor over a whole workflow's votes."""
+    keep = np.ones(table.subject_id.size, dtype=bool)
+    oldest = config.min_version()
+    if oldest is not None:
+        keep &= table.version >= oldest[0] * 1_000_000 + oldest[1]
+    order = np.lexsort(
+        (table.classification_id, table.created_at, table.volunteer_id, table.subject_id)
+    )
+    order = order[keep[order]]
+    s, u = table.subject_id[order], table.volunteer_id[order]
+    new_pair = np.ones(order.size, dtype=bool)
+    if config.repeats == "keep_first":
+        new_pair[1:] = (s[1:] != s[:-1]) | (u[1:] != u[:-1])
+    else:
+        new_pair[:-1] = (s[1:] != s[:-1]) | (u[1:] != u[:-1])
+    result = np.zeros(keep.size, dtype=bool)
+    result[order[new_pair]] = True
+    return result
+
+
+def answer_classes(table: store.VoteTable, config: WorkflowConfig) -> IntArray:
+    """The class of every vote (-1 when its answer maps to none), vectorised over indices."""
+    by_index = config.class_of_index()
+    lookup = np.full(max(by_index, default=0) + 2, -1, dtype=np.int64)
+    for index, k in by_index.items():
+        lookup[index] = k
+    value = table.value
+    classes = np.where(
+        (value >= 0) & (value < lookup.size - 1), lookup[np.clip(value, 0, lookup.size - 1)], -1
+    )
+    by_label = config.class_of_label()
+    if by_label and any(label is not None for label in table.label):
+        labelled = np.array([by_label.get(x, -1) if x is not None else -1 for x in table.label])
+        classes = np.where(value < 0, labelled, classes)
+    return classes
+
+
+def refit(sessions: sessionmaker[Session], workflow_id: int) -> RefitReport:
+    """Re-estimate every volunteer and the class prior by EM over all stored votes, store a new
+    snapshot, and queue every subject of the workflow to be recomputed with it."""
+    with sessions.begin() as session:
+        if store.is_postgres(session):
+            # One refit per workflow at a time, across every worker.
+            session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": workflow_id})
+        workflow = session.get(Workflow, workflow_id)
+        if workflow is None or workflow.config is None:
+            raise LookupError(f"workflow {workflow_id} is not configured")
+        config = load_config(workflow.config)
+        if config.question is None:
+            raise LookupError(f"workflow {workflow_id} has no question task to refit")
+        table = store.all_votes(session, workflow_id, config.question.task)
+        classes = answer_classes(table, config)
+        keep = votes_that_count(table, config) & (classes >= 0)
+        subjects, s = np.unique(table.subject_id[keep], return_inverse=True)
+        volunteers, u = np.unique(table.volunteer_id[keep], return_inverse=True)
+        gold = store.gold_labels(session, workflow_id)
+        gold_pos = np.searchsorted(subjects, np.array(sorted(gold), dtype=np.int64))
+        gold_items = [
+            (pos, config.classes.index(gold[sid]))
+            for pos, sid in zip(gold_pos, sorted(gold), strict=True)
+            if pos < subjects.size and subjects[pos] == sid and gold[sid] in config.classes
+        ]
+        result = answers.fit(
+            s,
+            u,
+            classes[keep],
+            n_subjects=subjects.size,
+            n_volunteers=volunteers.size,
+            n_classes=len(config.classes),
+            gold_subject=np.array([g[0] for g in gold_items], dtype=np.int64),
+            gold_label=np.array([g[1] for g in gold_items], dtype=np.int64),
+            prior_strength=config.priors.confusion_strength,
+            class_prior=class_prior(config),
+        )
+        snapshot_id = store.save_snapshot(
+            session,
+            workflow_id,
+            volunteers.astype(np.int64),
+            result.skills.counts,
+            result.skills.alpha,
+            result.skills.class_prior,
+            n_votes=int(keep.sum()),
+            last_view_id=table.last_view_id,
+            n_iter=result.n_iter,
+            converged=result.converged,
+        )
+        session.execute(
+            update(WorkflowSubject)
+            .where(WorkflowSubject.workflow_id == workflow_id)
+            .values(pending=True)
+        )
+    return RefitReport(
+        snapshot_id,
+        int(keep.sum()),
+        int(subjects.size),
+        int(volunteers.size),
+        result.n_iter,
+        result.converged,
+    )

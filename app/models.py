@@ -18,6 +18,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     String,
     Text,
     UniqueConstraint,
@@ -159,8 +160,10 @@ class WorkflowSubject(Base):
     n_views: Mapped[int] = mapped_column(Integer, default=0)
     counts: Mapped[list[Any] | None] = mapped_column(JSONValue)
     posterior: Mapped[list[Any] | None] = mapped_column(JSONValue)
+    history: Mapped[list[Any] | None] = mapped_column(JSONValue)
     label: Mapped[str | None] = mapped_column(String(200))
     reason: Mapped[str | None] = mapped_column(String(32))
+    retired_label: Mapped[str | None] = mapped_column(String(200))
     retired_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     __table_args__ = (Index("ix_workflow_subjects_pending", "workflow_id", "pending"),)
@@ -223,3 +226,26 @@ class Export(Base):
     error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class SkillSnapshot(Base):
+    """Every volunteer's learned skill at one refit: the arrays of `app.answers.Skills`.
+
+    `counts` holds the soft counts (U,K,K) of the volunteers in `volunteer_ids` (float64 bytes) as
+    the refit learned them from every view up to `last_view_id`; answers on gold subjects that
+    arrive later are added to them live, so a gold answer changes its volunteer's skill at once.
+    """
+
+    __tablename__ = "skill_snapshots"
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    workflow_id: Mapped[int] = mapped_column(ForeignKey("workflows.id"), index=True)
+    n_classes: Mapped[int] = mapped_column(Integer)
+    volunteer_ids: Mapped[bytes] = mapped_column(LargeBinary)
+    counts: Mapped[bytes] = mapped_column(LargeBinary)
+    alpha: Mapped[list[Any]] = mapped_column(JSONValue)
+    class_prior: Mapped[list[Any]] = mapped_column(JSONValue)
+    n_votes: Mapped[int] = mapped_column(Integer)
+    last_view_id: Mapped[int] = mapped_column(BigInteger, default=0)
+    n_iter: Mapped[int] = mapped_column(Integer)
+    converged: Mapped[bool] = mapped_column(Boolean)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

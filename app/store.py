@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
 from sqlalchemy import Select, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
@@ -20,7 +22,9 @@ from sqlalchemy.orm import Session
 from app.models import (
     Answer,
     Classification,
+    Gold,
     Mark,
+    SkillSnapshot,
     Subject,
     View,
     Volunteer,
@@ -168,9 +172,7 @@ def _ensure_volunteers(
         _insert(session, Volunteer).on_conflict_do_nothing(index_elements=["key"]), rows
     )
     ids = dict(
-        session.execute(
-            select(Volunteer.key, Volunteer.id).where(Volunteer.key.in_(by_key))
-        ).all()
+        session.execute(select(Volunteer.key, Volunteer.id).where(Volunteer.key.in_(by_key))).all()
     )
     return {cid: ids[i.key] for cid, i in identity.items()}
 
@@ -427,8 +429,13 @@ def subject_votes(
             answer.c.label,
         )
         .join(Classification, Classification.id == View.classification_id)
+        .join(Volunteer, Volunteer.id == View.volunteer_id)
         .outerjoin(answer, answer.c.classification_id == View.classification_id)
-        .where(View.workflow_id == workflow_id, View.subject_id.in_(subject_ids))
+        .where(
+            View.workflow_id == workflow_id,
+            View.subject_id.in_(subject_ids),
+            Volunteer.excluded.is_(False),
+        )
         .order_by(View.subject_id, View.created_at, View.classification_id)
     )
     return [
@@ -466,4 +473,232 @@ def save_subject_states(
             View.applied_at.is_(None),
         )
         .values(applied_at=now)
+    )
+
+
+# --- the answer engine's reads and writes ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A stored skill snapshot, as arrays (see models.SkillSnapshot)."""
+
+    id: int
+    volunteer_ids: npt.NDArray[np.int64]  # sorted
+    counts: npt.NDArray[np.float64]  # (U,K,K), learned on non-gold subjects
+    alpha: npt.NDArray[np.float64]
+    class_prior: npt.NDArray[np.float64]
+    n_iter: int
+    converged: bool
+    created_at: datetime
+    last_view_id: int
+
+
+_snapshot_cache: dict[int, Snapshot] = {}
+
+
+def load_snapshot(session: Session, snapshot_id: int) -> Snapshot:
+    """A snapshot's arrays; snapshots are immutable, so each process keeps the latest it read."""
+    cached = _snapshot_cache.get(snapshot_id)
+    if cached is not None:
+        return cached
+    row = session.get(SkillSnapshot, snapshot_id)
+    if row is None:
+        raise LookupError(f"skill snapshot {snapshot_id} does not exist")
+    K = row.n_classes
+    ids = np.frombuffer(row.volunteer_ids, dtype=np.int64)
+    snapshot = Snapshot(
+        row.id,
+        ids,
+        np.frombuffer(row.counts, dtype=np.float64).reshape(ids.size, K, K),
+        np.asarray(row.alpha, dtype=np.float64),
+        np.asarray(row.class_prior, dtype=np.float64),
+        row.n_iter,
+        row.converged,
+        row.created_at,
+        row.last_view_id,
+    )
+    _snapshot_cache.clear()
+    _snapshot_cache[snapshot_id] = snapshot
+    return snapshot
+
+
+def save_snapshot(
+    session: Session,
+    workflow_id: int,
+    volunteer_ids: npt.NDArray[np.int64],
+    counts: npt.NDArray[np.float64],
+    alpha: npt.NDArray[np.float64],
+    class_prior: npt.NDArray[np.float64],
+    *,
+    n_votes: int,
+    last_view_id: int,
+    n_iter: int,
+    converged: bool,
+) -> int:
+    """Store a new snapshot and make it the workflow's current one; returns its id."""
+    order = np.argsort(volunteer_ids)
+    row = SkillSnapshot(
+        workflow_id=workflow_id,
+        n_classes=int(alpha.shape[0]),
+        volunteer_ids=np.ascontiguousarray(volunteer_ids[order], dtype=np.int64).tobytes(),
+        counts=np.ascontiguousarray(counts[order], dtype=np.float64).tobytes(),
+        alpha=alpha.tolist(),
+        class_prior=class_prior.tolist(),
+        n_votes=n_votes,
+        last_view_id=last_view_id,
+        n_iter=n_iter,
+        converged=converged,
+        created_at=utcnow(),
+    )
+    session.add(row)
+    session.flush()
+    session.execute(
+        update(Workflow).where(Workflow.id == workflow_id).values(skill_snapshot_id=row.id)
+    )
+    return row.id
+
+
+def gold_labels(
+    session: Session, workflow_id: int, subject_ids: Sequence[int] | None = None
+) -> dict[int, str]:
+    """Gold class labels of a workflow's subjects (all, or those given)."""
+    query = select(Gold.subject_id, Gold.label).where(
+        Gold.workflow_id == workflow_id, Gold.label.is_not(None)
+    )
+    if subject_ids is not None:
+        query = query.where(Gold.subject_id.in_(subject_ids))
+    return {s: label for s, label in session.execute(query).all() if label is not None}
+
+
+def gold_votes_of(
+    session: Session, workflow_id: int, volunteer_ids: Sequence[int], task: str, after_view_id: int
+) -> list[tuple[int, int, datetime, int | None, str | None, str]]:
+    """The answers of these volunteers on gold subjects stored after view `after_view_id`:
+    (volunteer, subject, created_at, value, label, gold label), for live gold counts."""
+    query = (
+        select(
+            View.volunteer_id,
+            View.subject_id,
+            View.created_at,
+            Answer.value,
+            Answer.label,
+            Gold.label,
+        )
+        .join(Answer, Answer.classification_id == View.classification_id)
+        .join(Gold, (Gold.workflow_id == View.workflow_id) & (Gold.subject_id == View.subject_id))
+        .where(
+            View.workflow_id == workflow_id,
+            View.volunteer_id.in_(volunteer_ids),
+            View.id > after_view_id,
+            Answer.task == task,
+            Gold.label.is_not(None),
+        )
+        .order_by(View.volunteer_id, View.subject_id, View.created_at, View.classification_id)
+    )
+    return [tuple(row) for row in session.execute(query).all()]  # type: ignore[misc]
+
+
+def upsert_gold(
+    session: Session, workflow_id: int, labels: dict[int, str], source: str
+) -> list[int]:
+    """Store gold labels; returns the subjects whose gold label is new or changed."""
+    existing = gold_labels(session, workflow_id, list(labels))
+    changed = [s for s, label in labels.items() if existing.get(s) != label]
+    if not changed:
+        return []
+    now = utcnow()
+    rows = [
+        {
+            "workflow_id": workflow_id,
+            "subject_id": s,
+            "label": labels[s],
+            "source": source,
+            "updated_at": now,
+        }
+        for s in sorted(changed)
+    ]
+    statement = _insert(session, Gold)
+    statement = statement.on_conflict_do_update(
+        index_elements=["workflow_id", "subject_id"],
+        set_={
+            "label": statement.excluded.label,
+            "source": statement.excluded.source,
+            "updated_at": statement.excluded.updated_at,
+        },
+    )
+    session.execute(statement, rows)
+    return changed
+
+
+def subjects_seen_by_voters_of(
+    session: Session, workflow_id: int, subject_ids: Sequence[int]
+) -> set[int]:
+    """Every subject classified by someone who classified one of `subject_ids`."""
+    voters = select(View.volunteer_id).where(
+        View.workflow_id == workflow_id, View.subject_id.in_(subject_ids)
+    )
+    query = (
+        select(View.subject_id)
+        .where(View.workflow_id == workflow_id, View.volunteer_id.in_(voters))
+        .distinct()
+    )
+    return set(session.scalars(query))
+
+
+@dataclass(frozen=True)
+class VoteTable:
+    """Every vote of a workflow's question task, as columns (the refit's input)."""
+
+    classification_id: npt.NDArray[np.int64]
+    subject_id: npt.NDArray[np.int64]
+    volunteer_id: npt.NDArray[np.int64]
+    created_at: npt.NDArray[np.float64]  # seconds since the epoch
+    version: npt.NDArray[np.int64]  # major * 1_000_000 + minor; -1 when unknown
+    value: npt.NDArray[np.int64]  # -1 when the answer came as a label
+    label: list[str | None]
+    last_view_id: int
+
+
+def all_votes(session: Session, workflow_id: int, task: str, chunk: int = 100_000) -> VoteTable:
+    """Every classification of a workflow with its answer to `task`, read in one streamed query."""
+    last_view_id = int(session.scalar(select(func.coalesce(func.max(View.id), 0))) or 0)
+    query = (
+        select(
+            View.classification_id,
+            View.subject_id,
+            View.volunteer_id,
+            View.created_at,
+            Classification.version_major,
+            Classification.version_minor,
+            Answer.value,
+            Answer.label,
+        )
+        .join(Classification, Classification.id == View.classification_id)
+        .join(Answer, (Answer.classification_id == View.classification_id) & (Answer.task == task))
+        .where(View.id <= last_view_id)
+        .join(Volunteer, Volunteer.id == View.volunteer_id)
+        .where(View.workflow_id == workflow_id, Volunteer.excluded.is_(False))
+        .execution_options(yield_per=chunk)
+    )
+    columns: list[list[Any]] = [[] for _ in range(8)]
+    for partition in session.execute(query).partitions():
+        for index, column in enumerate(zip(*partition, strict=True)):
+            columns[index].extend(column)
+    cid, sid, vid, created, major, minor, value, label = columns
+    return VoteTable(
+        np.asarray(cid, dtype=np.int64),
+        np.asarray(sid, dtype=np.int64),
+        np.asarray(vid, dtype=np.int64),
+        np.asarray([c.timestamp() for c in created], dtype=np.float64),
+        np.asarray(
+            [
+                -1 if a is None else a * 1_000_000 + (b or 0)
+                for a, b in zip(major, minor, strict=True)
+            ],
+            dtype=np.int64,
+        ),
+        np.asarray([-1 if v is None else v for v in value], dtype=np.int64),
+        label,
+        last_view_id,
     )

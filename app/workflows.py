@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from app.answers import RetirementRule
 from app.errors import InputError
 
 
@@ -73,9 +74,22 @@ class Priors(_Strict):
 
 
 class Retirement(_Strict):
-    """When a subject is settled (the answer engine reads this)."""
+    """When a subject is settled; classes are named by their names in `classes`.
 
-    model_config = ConfigDict(extra="allow", frozen=True)
+    kind "risk": retire when 1 - max_k P <= risk_bound (Branson et al. 2017); "threshold": when
+    P[class] >= thresholds[class] for a named class; "swap": SWAP's accept/reject pair on
+    P[positive_class] (Marshall et al. 2016); "none": only the cap retires. Nothing retires below
+    `min_views`; at `cap` views a subject retires as classification_count; gold never retires.
+    A decision on a class in `empty_classes` is reported as nothing_here.
+    """
+
+    kind: Literal["risk", "threshold", "swap", "none"] = "risk"
+    risk_bound: float = Field(default=0.01, gt=0, lt=1)
+    thresholds: dict[str, float] = Field(default_factory=dict)
+    accept: float = Field(default=0.95, gt=0, le=1)
+    reject: float = Field(default=1e-7, ge=0, lt=1)
+    positive_class: str | None = None
+    empty_classes: list[str] = Field(default_factory=list)
     min_views: int = Field(default=3, ge=1)
     cap: int | None = Field(default=None, ge=1)
 
@@ -116,6 +130,23 @@ class WorkflowConfig(_Strict):
 
     def min_version(self) -> tuple[int, int] | None:
         return parse_version(self.min_workflow_version)
+
+    def retirement_rule(self) -> RetirementRule:
+        """The rule in the answer engine's terms (classes by number)."""
+        rule = self.retirement
+        number = {name: k for k, name in enumerate(self.classes)}
+        positive = number.get(rule.positive_class or "", 1 if len(self.classes) == 2 else 0)
+        return RetirementRule(
+            kind="threshold" if rule.kind == "none" else rule.kind,
+            thresholds={number[c]: t for c, t in rule.thresholds.items() if c in number},
+            accept=rule.accept,
+            reject=rule.reject,
+            positive_class=positive,
+            risk_bound=rule.risk_bound,
+            empty_classes=tuple(number[c] for c in rule.empty_classes if c in number),
+            min_views=rule.min_views,
+            cap=rule.cap,
+        )
 
     def to_json(self) -> dict[str, Any]:
         return self.model_dump(mode="json", by_alias=True, exclude_none=True)
@@ -161,6 +192,12 @@ def _check_cross_fields(config: WorkflowConfig) -> None:
         raise InputError("a question task needs at least two classes", field="classes")
     if len(set(config.classes)) != len(config.classes):
         raise InputError("classes must be unique", field="classes")
+    rule = config.retirement
+    for name in [*rule.thresholds, *rule.empty_classes, rule.positive_class]:
+        if name is not None and name not in config.classes:
+            raise InputError(f"unknown class {name!r}", field="retirement")
+    if rule.kind == "swap" and len(config.classes) != 2:
+        raise InputError("the swap rule needs exactly two classes", field="retirement.kind")
     seen: set[int] = set()
     for i, answer in enumerate(config.question.answers):
         if answer.class_ not in config.classes:
