@@ -50,7 +50,7 @@ from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
-from scipy import special
+from scipy import sparse, special
 
 FloatArray = npt.NDArray[np.float64]
 LeaveOneOut = Literal["weighted", "exact"]
@@ -284,47 +284,65 @@ def fit(
     counted = has_votes | is_gold
     fixed_prior = None if class_prior is None else _as_prior(class_prior, K)
 
+    votes = _vote_matrix(s, cell, n_subjects, n_volunteers * K)
+    n_votes = np.bincount(s, minlength=n_subjects)
+    # Weighted mode: a vote teaches with weight (n_s - 1) / n_s (gold: 1), fixed for the whole fit,
+    # so each (volunteer, answer) cell's total weight is computed once.
+    weight = np.where(is_gold, 1.0, (n_votes - 1.0) / np.maximum(n_votes, 1.0))
+    cell_total: FloatArray = votes.T @ weight
+
+    producer: Skills | None = None  # the skills that produced `posterior`, if any
     if gold_only or is_gold.any():
         on_gold = is_gold[s]
         counts = gold_counts(
             u[on_gold], j[on_gold], gold_q[s[on_gold]].argmax(axis=1), n_volunteers, K
         )
-        prior = fixed_prior if fixed_prior is not None else _gold_prior(gold_q, is_gold, K)
-        skills = Skills(counts, population_alpha(counts, prior_strength), prior)
+        prior = fixed_prior if fixed_prior is not None else _gold_prior(gold_q, is_gold)
+        producer = Skills(counts, population_alpha(counts, prior_strength), prior)
         if gold_only:
             return _fit_prior_only(
-                s, cell, skills, is_gold, gold_q, counted, fixed_prior, max_iter, tol
+                votes, producer, is_gold, gold_q, counted, fixed_prior, max_iter, tol
             )
-        posterior = _e_step(s, cell, skills, is_gold, gold_q)
-        teach = _teaching_labels(s, cell, posterior, skills, is_gold, leave_one_out)
+        posterior = _e_step(votes, producer, is_gold, gold_q)
     else:
-        posterior = majority_vote(s, j, n_subjects, K)
+        posterior = _clamp(majority_vote(s, j, n_subjects, K), is_gold, gold_q)
         prior = fixed_prior if fixed_prior is not None else _learn_prior(posterior, counted)
-        if leave_one_out == "exact":
+
+    def m_step(posterior: FloatArray, producer: Skills | None) -> FloatArray:
+        """Soft counts (U,K,K) taught by `posterior`, the volunteer's own vote kept out."""
+        if leave_one_out == "weighted":
+            taught = posterior * weight[:, np.newaxis]
+            return _weighted_counts(votes, taught, cell_total, n_volunteers)
+        if leave_one_out != "exact":
+            raise ValueError(f"unknown leave_one_out mode {leave_one_out!r}")
+        if producer is None:
             teach = _majority_leave_one_out(s, j, posterior, prior)
         else:
-            teach = _weighted_teaching(s, posterior, is_gold)
+            teach = _leave_one_out(s, cell, posterior, producer)
+        return _soft_counts(cell, teach, n_volunteers, K)
 
     converged = False
     n_iter = 0
+    skills = producer
     for n_iter in range(1, max_iter + 1):  # noqa: B007 - n_iter is reported after the loop
         if fixed_prior is None:
             prior = _learn_prior(posterior, counted)
-        counts = _soft_counts(cell, teach, n_volunteers, K)
+        counts = m_step(posterior, skills)
         skills = Skills(counts, population_alpha(counts, prior_strength), prior)
-        new_posterior = _e_step(s, cell, skills, is_gold, gold_q)
+        new_posterior = _e_step(votes, skills, is_gold, gold_q)
         change = float(np.max(np.abs(new_posterior - posterior))) if n_subjects else 0.0
         posterior = new_posterior
-        teach = _teaching_labels(s, cell, posterior, skills, is_gold, leave_one_out)
         if change < tol:
             converged = True
             break
+    if skills is None:  # max_iter == 0
+        counts = m_step(posterior, None)
+        skills = Skills(counts, population_alpha(counts, prior_strength), prior)
     return FitResult(skills, posterior, n_iter, converged)
 
 
 def _fit_prior_only(
-    s: IntArray,
-    cell: IntArray,
+    votes: sparse.csr_matrix,
     skills: Skills,
     is_gold: BoolArray,
     gold_q: FloatArray,
@@ -335,7 +353,7 @@ def _fit_prior_only(
 ) -> FitResult:
     """Gold-only mode: skills stay fixed; the class prior alone is re-estimated unless fixed."""
     n_subjects = is_gold.size
-    log_like = _sum_by_subject(s, cell, _log_table(confusion(skills)), n_subjects)
+    log_like = _relative_log_likelihoods(votes, skills)
     posterior = _clamp(_softmax_rows(log_like + np.log(skills.class_prior)), is_gold, gold_q)
     if fixed_prior is not None:
         return FitResult(skills, posterior, 0, True)
@@ -351,40 +369,63 @@ def _fit_prior_only(
 
 
 def _e_step(
-    s: IntArray, cell: IntArray, skills: Skills, is_gold: BoolArray, gold_q: FloatArray
+    votes: sparse.csr_matrix, skills: Skills, is_gold: BoolArray, gold_q: FloatArray
 ) -> FloatArray:
     """Soft labels (S,K) under `skills`, gold rows clamped to their one-hot label."""
-    log_post = _sum_by_subject(s, cell, _log_table(confusion(skills)), is_gold.size)
-    log_post += np.log(skills.class_prior)
+    log_post = _relative_log_likelihoods(votes, skills) + np.log(skills.class_prior)
     return _clamp(_softmax_rows(log_post), is_gold, gold_q)
 
 
-def _teaching_labels(
-    s: IntArray,
-    cell: IntArray,
-    posterior: FloatArray,
-    skills: Skills,
-    is_gold: BoolArray,
-    mode: LeaveOneOut,
+def _relative_log_likelihoods(votes: sparse.csr_matrix, skills: Skills) -> FloatArray:
+    """Σ_votes log Θ_u[k, j] - log Θ_u[0, j] per subject (S,K), as one sparse product.
+
+    Every vote adds the same log Θ_u[0, j] to all classes, which normalisation removes, so
+    K - 1 columns suffice; `votes` is the (S, U*K) vote-count matrix.
+    """
+    log_table = _log_table(confusion(skills))
+    relative = np.ascontiguousarray((log_table[1:] - log_table[0]).T)
+    result = np.zeros((votes.shape[0], skills.n_classes))
+    if skills.n_classes == 2:
+        result[:, 1] = votes @ relative[:, 0]  # the one-vector product is scipy's fast path
+    else:
+        result[:, 1:] = votes @ relative
+    return result
+
+
+def _vote_matrix(s: IntArray, cell: IntArray, n_subjects: int, n_cells: int) -> sparse.csr_matrix:
+    """The vote counts A[s, u*K + j] as a CSR matrix (S, U*K), built in O(V).
+
+    Votes already sorted by subject (a refit reads them ORDER BY subject) become CSR arrays
+    directly; otherwise scipy's COO-to-CSR counting sort does it.
+    """
+    small = max(s.size, n_cells, n_subjects) < np.iinfo(np.int32).max
+    index = np.int32 if small else np.int64
+    data = np.ones(s.size)
+    if s.size < 2 or bool(np.all(s[1:] >= s[:-1])):
+        indptr = np.zeros(n_subjects + 1, dtype=index)
+        np.cumsum(np.bincount(s, minlength=n_subjects), out=indptr[1:])
+        matrix = (data, cell.astype(index), indptr)
+        return sparse.csr_matrix(matrix, shape=(n_subjects, n_cells))
+    return sparse.csr_matrix((data, (s, cell)), shape=(n_subjects, n_cells))
+
+
+def _weighted_counts(
+    votes: sparse.csr_matrix, taught: FloatArray, cell_total: FloatArray, n_volunteers: int
 ) -> FloatArray:
-    """Per vote, the soft label (K,V) that teaches the voter, by `fit`'s `leave_one_out` mode."""
-    if mode == "exact":
-        return _leave_one_out(s, cell, posterior, skills)
-    if mode == "weighted":
-        return _weighted_teaching(s, posterior, is_gold)
-    raise ValueError(f"unknown leave_one_out mode {mode!r}")
+    """N_u[k, j] = Σ taught[s, k] over u's votes j (U,K,K), as one sparse product.
 
-
-def _weighted_teaching(s: IntArray, posterior: FloatArray, is_gold: BoolArray) -> FloatArray:
-    """Per vote, q_s times (n_s - 1) / n_s, shape (K,V): a lone vote teaches nothing (gold: 1)."""
-    n_votes = np.bincount(s, minlength=posterior.shape[0]).astype(np.float64)
-    weight = np.where(is_gold, 1.0, (n_votes - 1.0) / np.maximum(n_votes, 1.0))
-    weighted = posterior * weight[:, np.newaxis]
-    q_t = np.ascontiguousarray(weighted.T)
-    teach = np.empty((posterior.shape[1], s.size))
-    for k in range(posterior.shape[1]):
-        np.take(q_t[k], s, out=teach[k])
-    return teach
+    `taught` (S,K) is the weighted posterior and `cell_total` (U*K,) the sum of its rows per
+    cell, so row 0 is the total minus the other K - 1 rows.
+    """
+    K = taught.shape[1]
+    counts = np.empty((n_volunteers, K, K))
+    if K == 2:
+        others = (votes.T @ np.ascontiguousarray(taught[:, 1]))[:, np.newaxis]
+    else:
+        others = votes.T @ np.ascontiguousarray(taught[:, 1:])
+    counts[:, 1:, :] = others.reshape(n_volunteers, K, K - 1).transpose(0, 2, 1)
+    counts[:, 0, :] = np.maximum(cell_total - others.sum(axis=1), 0.0).reshape(n_volunteers, K)
+    return counts
 
 
 def _leave_one_out(
@@ -430,12 +471,12 @@ def _soft_counts(cell: IntArray, teach: FloatArray, n_volunteers: int, K: int) -
 
 def _learn_prior(posterior: FloatArray, counted: BoolArray) -> FloatArray:
     """π_k = (1 + Σ_s q_s[k]) / (K + n), over the subjects with votes or gold."""
-    total = posterior[counted].sum(axis=0) + 1.0
+    total = counted.astype(np.float64) @ posterior + 1.0
     result: FloatArray = total / total.sum()
     return result
 
 
-def _gold_prior(gold_q: FloatArray, is_gold: BoolArray, K: int) -> FloatArray:
+def _gold_prior(gold_q: FloatArray, is_gold: BoolArray) -> FloatArray:
     """A starting class prior from the gold labels (add-one), uniform when there is no gold."""
     total = gold_q[is_gold].sum(axis=0) + 1.0
     result: FloatArray = total / total.sum()
@@ -588,11 +629,16 @@ def _sum_by_subject(
 
 
 def _softmax_rows(log_post: FloatArray) -> FloatArray:
-    """Row-wise softmax with the row max subtracted first."""
-    shifted = log_post - log_post.max(axis=1, keepdims=True)
-    prob = np.exp(shifted)
-    result: FloatArray = prob / prob.sum(axis=1, keepdims=True)
-    return result
+    """Row-wise softmax with the row max subtracted first (column-wise loops: K is small)."""
+    row_max = log_post[:, 0].copy()
+    for k in range(1, log_post.shape[1]):
+        np.maximum(row_max, log_post[:, k], out=row_max)
+    prob = np.exp(log_post - row_max[:, np.newaxis])
+    total = prob[:, 0].copy()
+    for k in range(1, prob.shape[1]):
+        total += prob[:, k]
+    prob /= total[:, np.newaxis]
+    return prob
 
 
 def _gold_table(

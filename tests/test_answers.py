@@ -438,3 +438,13 @@ def test_per_class_thresholds_retire_only_named_classes() -> None:
     rule = RetirementRule(kind="threshold", thresholds={1: 0.97}, min_views=0)
     reasons = decide_retirement(POSTERIOR, np.full(5, 5), np.zeros(5, bool), rule)
     assert reasons.tolist() == ["", "", "consensus", "consensus", ""]
+
+
+def test_fit_does_not_depend_on_vote_order() -> None:
+    """Shuffled votes (the unsorted sparse-matrix path) fit to the same posterior as sorted ones."""
+    subject, volunteer, answer, _, _ = simulate(6)
+    order = np.random.default_rng(0).permutation(subject.size)
+    ordered = fit(subject, volunteer, answer, 400, 40, 3)
+    shuffled = fit(subject[order], volunteer[order], answer[order], 400, 40, 3)
+    np.testing.assert_allclose(shuffled.posterior, ordered.posterior, atol=1e-9)
+    np.testing.assert_allclose(shuffled.skills.counts, ordered.skills.counts, atol=1e-9)
