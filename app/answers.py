@@ -26,7 +26,10 @@ log((1 - PL) / PD) for a "no". EM (`fit`): the E-step gives soft labels q_s (gol
 the M-step counts N_u[k, j] = Σ_s w_s q_s[k] [u answered j on s] with w_s = (n_s - 1) / n_s for a
 subject with n_s votes (Clump Scout's form), or, with leave_one_out="exact", with q_s^(-u) ∝
 q_s / Θ_u[:, j], the posterior without u's own vote: either way nobody is taught by a vote they cast
-alone; π is re-estimated unless fixed.
+alone; π is re-estimated unless fixed. Inside `fit` the votes become one sparse (S, U*K) count
+matrix A[s, u*K + j], so an E-step is A @ (log Θ relative to class 0) and an M-step A.T @ (w q):
+two CSR products per sweep, K - 1 columns each. The population prior M has its own weak
+hyper-prior (HYPER_STRENGTH pseudo-votes a row, HYPER_DIAGONAL on the diagonal).
 Retirement (`decide_retirement`) follows SWAP's accept/reject thresholds, per-class thresholds, or
 Branson et al. 2017's risk bound 1 - max_k P <= bound, with a floor of views and a cap.
 

@@ -6,10 +6,10 @@ Routes own their transaction (or hand it to `app.ingest`), map gzx errors to sta
 
 from __future__ import annotations
 
-import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -20,8 +20,10 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from app import ingest, parsing, store
+from app.api_engine import add_engine_routes
 from app.auth import Authenticator
-from app.errors import GzxError, InputError, NotFound, PayloadTooLarge, http_status
+from app.bodies import JsonBody
+from app.errors import GzxError, InputError, NotFound, http_status
 from app.models import Classification, Workflow, WorkflowSubject, utcnow
 from app.pipeline import AGGREGATE_QUEUE, Dispatcher
 from app.settings import Settings
@@ -56,35 +58,12 @@ def make_metrics() -> Metrics:
     )
 
 
-async def json_body(request: Request) -> Any:
-    """The request body as JSON, refused past the configured size (413) or when malformed."""
-    limit = request.app.state.settings.max_body_bytes
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"body is over the limit of {limit} bytes", field="body")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"body is over the limit of {limit} bytes", field="body")
-        chunks.append(chunk)
-    try:
-        return json.loads(b"".join(chunks))
-    except RecursionError:
-        raise InputError("body is nested too deeply", field="body") from None
-    except ValueError as error:
-        raise InputError(f"body is not valid JSON: {error}", field="body") from None
-
-
-JsonBody = Annotated[Any, Depends(json_body)]
-
-
 def create_app(
     settings: Settings,
     sessions: sessionmaker[Session],
     dispatcher: Dispatcher,
     committer: ingest.GroupCommitter,
+    run_refit: Callable[[int], dict[str, Any]],
     redis: Any = None,
 ) -> FastAPI:
     """The gzx HTTP API over the given database sessions and job dispatcher."""
@@ -262,35 +241,5 @@ def create_app(
                 "classifications": int(n or 0),
             }
 
-    @app.get(
-        "/v1/workflows/{workflow_id}/subjects/{subject_id}",
-        tags=["subjects"],
-        dependencies=[Depends(auth.require("read"))],
-    )
-    def get_subject(workflow_id: int, subject_id: int) -> dict[str, Any]:
-        """A subject's state in a workflow: counts per class, status, classifications stored."""
-        with sessions() as session:
-            state = session.get(WorkflowSubject, (workflow_id, subject_id))
-            if state is None:
-                raise NotFound(
-                    f"subject {subject_id} has no classifications in workflow {workflow_id}",
-                    field="subject_id",
-                )
-            workflow = session.get(Workflow, workflow_id)
-            classes = (workflow.config or {}).get("classes", []) if workflow else []
-            counts = state.counts or []
-            return {
-                "workflow_id": workflow_id,
-                "subject_id": subject_id,
-                "status": state.status,
-                "pending": state.pending,
-                "classifications": state.n_classifications,
-                "views": state.n_views,
-                "counts": {name: int(c) for name, c in zip(classes, counts, strict=False)},
-                "posterior": state.posterior,
-                "label": state.label,
-                "reason": state.reason,
-                "updated_at": state.updated_at.isoformat(),
-            }
-
+    add_engine_routes(app, sessions, auth, run_refit, dispatcher.notify)
     return app

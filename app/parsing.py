@@ -238,6 +238,85 @@ def _check_depth(root: object, limit: int, at: str) -> None:
         stack.extend((child, depth + 1, entry, key) for key, child in children)
 
 
+_ATOMS = frozenset({str, int, float, bool, type(None)})
+_FAST_DEPTH_LIMIT = 200  # beyond this, recursion could near Python's stack limit: use the slow path
+
+
+class _NotPlain(Exception):
+    """The fast copy met something other than plain JSON, or nesting past the limit."""
+
+
+def _plain_copy(node: Any, depth: int, limit: int) -> Any:
+    """A copy of decoded JSON (dicts, lists, atoms), refusing containers deeper than `limit`."""
+    kind = type(node)
+    if kind is dict:
+        if depth > limit:
+            raise _NotPlain
+        out: dict[Any, Any] = {}
+        for key, value in node.items():
+            value_kind = type(value)
+            if value_kind is dict or value_kind is list:
+                value = _plain_copy(value, depth + 1, limit)
+            elif value_kind not in _ATOMS:
+                raise _NotPlain
+            out[key] = value
+        return out
+    if kind is list:
+        if depth > limit:
+            raise _NotPlain
+        items: list[Any] = []
+        for value in node:
+            value_kind = type(value)
+            if value_kind is dict or value_kind is list:
+                value = _plain_copy(value, depth + 1, limit)
+            elif value_kind not in _ATOMS:
+                raise _NotPlain
+            items.append(value)
+        return items
+    if kind in _ATOMS:
+        return node
+    raise _NotPlain
+
+
+def _checked_copy(root: object, limit: int, at: str) -> Any:
+    """A deep copy of `root` after checking its depth (as `_check_depth`, same errors).
+
+    Decoded JSON takes a single recursive pass; anything else (or too deep: the error must name
+    the same path) goes through the iterative check and `copy.deepcopy`.
+    """
+    if limit <= _FAST_DEPTH_LIMIT:
+        try:
+            return _plain_copy(root, 1, limit)
+        except _NotPlain:
+            pass
+    _check_depth(root, limit, at)
+    return copy.deepcopy(root)
+
+
+def _within_depth(node: object, depth: int, limit: int) -> bool:
+    """Whether containers nest no deeper than `limit` (recursive; only for small limits)."""
+    if isinstance(node, dict):
+        children: Any = node.values()
+    elif isinstance(node, list):
+        children = node
+    else:
+        return True
+    if depth > limit:
+        return False
+    return all(
+        _within_depth(child, depth + 1, limit)
+        for child in children
+        if isinstance(child, dict | list)
+    )
+
+
+def _check_depth_fast(root: object, limit: int, at: str) -> None:
+    """`_check_depth`, with a quick recursive pass first for the common, shallow case."""
+    if limit <= _FAST_DEPTH_LIMIT and _within_depth(root, 1, limit):
+        return
+    _check_depth(root, limit, at)
+
+
 def _path_of(entry: tuple[object, int, Any, str | int | None], at: str) -> str:
     keys: list[str | int] = []
     while entry[2] is not None:
@@ -367,7 +446,7 @@ def _json_cell(row: dict[str, str], column: str, limits: Limits) -> object:
         value = json.loads(text)
     except (ValueError, RecursionError):
         raise InputError("not valid JSON", field=column) from None
-    _check_depth(value, limits.max_depth, column)
+    _check_depth_fast(value, limits.max_depth, column)
     return value
 
 
@@ -681,9 +760,9 @@ def _subject_ids(value: object, at: str, limits: Limits) -> tuple[int, ...]:
 def _panoptes(
     obj: object, linked: object, *, source: str, limits: Limits, at: str, linked_at: str
 ) -> ParsedClassification:
-    _check_depth(obj, limits.max_depth, at)
-    _check_depth(linked, limits.max_depth, linked_at)
-    data = copy.deepcopy(_object(obj, at, "a classification"))
+    obj = _checked_copy(obj, limits.max_depth, at)
+    linked = _checked_copy(linked, limits.max_depth, linked_at)
+    data = _object(obj, at, "a classification")
     links_at = _join(at, "links")
     links = _object(_required(data, "links", at), links_at, "links")
     metadata_value = data.get("metadata")
@@ -704,7 +783,7 @@ def _panoptes(
     )
     user_id = _optional_id(links.get("user"), _join(links_at, "user"))
     workflow_version = data.get("workflow_version", metadata.get("workflow_version"))
-    subjects, login = _linked(copy.deepcopy(linked), linked_at, subject_ids, user_id)
+    subjects, login = _linked(linked, linked_at, subject_ids, user_id)
     return ParsedClassification(
         id=_id(_required(data, "id", at), _join(at, "id")),
         workflow_id=_id(_required(links, "workflow", links_at), _join(links_at, "workflow")),
@@ -826,8 +905,7 @@ def _kinesis_event(i: int, event: object, limits: Limits) -> BatchItem:
 
 def parse_caesar_extract(body: object, limits: Limits = DEFAULT_LIMITS) -> ParsedClassification:
     """Parse the body Caesar POSTs to an external extractor (annotations keyed by task)."""
-    _check_depth(body, limits.max_depth, "")
-    data = copy.deepcopy(_object(body, "", "the extractor body"))
+    data = _object(_checked_copy(body, limits.max_depth, ""), "", "the extractor body")
     metadata_value = data.get("metadata")
     metadata = {} if metadata_value is None else _object(metadata_value, "metadata", "metadata")
     version = _classifier_version(metadata, "metadata.classifier_version")

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from fastapi import FastAPI
 from redis import Redis
+from rq import Queue
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -14,7 +16,7 @@ from app import aggregation, store
 from app.api import create_app
 from app.db import make_engine, make_sessionmaker
 from app.ingest import GroupCommitter
-from app.pipeline import Dispatcher, InProcessDispatcher, RQDispatcher
+from app.pipeline import AGGREGATE_QUEUE, Dispatcher, InProcessDispatcher, RQDispatcher
 from app.settings import Settings
 
 
@@ -49,6 +51,24 @@ def in_process_dispatcher(
     return InProcessDispatcher(apply, sweep, settings.sweep_interval_s)
 
 
+def refit_runner(
+    sessions: sessionmaker[Session], dispatcher: Dispatcher, redis: Redis | None
+) -> Callable[[int], dict[str, Any]]:
+    """Refit now, in this process (embedded), or queue the refit job (with Redis)."""
+
+    def run(workflow_id: int) -> dict[str, Any]:
+        if redis is not None:
+            job = Queue(AGGREGATE_QUEUE, connection=redis).enqueue(
+                "workers.jobs.refit_workflow", workflow_id, job_timeout=3600
+            )
+            return {"queued": True, "job_id": job.id}
+        report = aggregation.refit(sessions, workflow_id)
+        dispatcher.notify([workflow_id])
+        return {"queued": False, **asdict(report)}
+
+    return run
+
+
 def build_service(settings: Settings) -> Service:
     """Everything `gzx serve` runs: RQ when GZX_REDIS_URL is set, in-process jobs otherwise."""
     engine = make_engine(settings)
@@ -58,5 +78,7 @@ def build_service(settings: Settings) -> Service:
         RQDispatcher(redis) if redis is not None else in_process_dispatcher(settings, sessions)
     )
     committer = GroupCommitter(sessions, dispatcher, ip_salt=settings.ip_salt)
-    app = create_app(settings, sessions, dispatcher, committer, redis)
+    app = create_app(
+        settings, sessions, dispatcher, committer, refit_runner(sessions, dispatcher, redis), redis
+    )
     return Service(settings, engine, sessions, redis, dispatcher, committer, app)

@@ -494,12 +494,13 @@ class Snapshot:
     last_view_id: int
 
 
-_snapshot_cache: dict[int, Snapshot] = {}
+_snapshot_cache: dict[tuple[str, int], Snapshot] = {}
 
 
 def load_snapshot(session: Session, snapshot_id: int) -> Snapshot:
-    """A snapshot's arrays; snapshots are immutable, so each process keeps the latest it read."""
-    cached = _snapshot_cache.get(snapshot_id)
+    """A snapshot's arrays; snapshots are immutable, so each process keeps those it read."""
+    key = (str(session.get_bind().url), snapshot_id)
+    cached = _snapshot_cache.get(key)
     if cached is not None:
         return cached
     row = session.get(SkillSnapshot, snapshot_id)
@@ -518,8 +519,9 @@ def load_snapshot(session: Session, snapshot_id: int) -> Snapshot:
         row.created_at,
         row.last_view_id,
     )
-    _snapshot_cache.clear()
-    _snapshot_cache[snapshot_id] = snapshot
+    if len(_snapshot_cache) >= 16:  # a process serves a few workflows; old snapshots go
+        _snapshot_cache.clear()
+    _snapshot_cache[key] = snapshot
     return snapshot
 
 

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from app.answers import RetirementRule
+from app.answers import DEFAULT_PRIOR_STRENGTH, RetirementRule
 from app.errors import InputError
 
 
@@ -70,7 +70,7 @@ class Priors(_Strict):
     """Priors of the answer engine (filled in by the answer-engine settings)."""
 
     class_prior: dict[str, float] | None = None
-    confusion_strength: float = Field(default=6.0, gt=0)
+    confusion_strength: float = Field(default=DEFAULT_PRIOR_STRENGTH, gt=0)
 
 
 class Retirement(_Strict):

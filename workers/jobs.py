@@ -26,3 +26,13 @@ def sweep() -> list[int]:
             start_of_job(ctx.redis, workflow_id)
         RQDispatcher(ctx.redis).notify(workflow_ids)
     return workflow_ids
+
+
+def refit_workflow(workflow_id: int) -> dict[str, object]:
+    """EM over every stored vote of a workflow, a new skill snapshot, then every subject again."""
+    ctx = context()
+    report = aggregation.refit(ctx.sessions, workflow_id)
+    if ctx.redis is not None:
+        start_of_job(ctx.redis, workflow_id)
+        RQDispatcher(ctx.redis).notify([workflow_id])
+    return {"snapshot_id": report.snapshot_id, "n_votes": report.n_votes}
