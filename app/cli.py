@@ -286,3 +286,101 @@ def import_subjects(
                 store.upsert_subject_rows(session, batch)
             count += len(batch)
     console.print(f"imported {count:,} subjects")
+
+
+@cli.command()
+def refit(workflow_id: Annotated[int, typer.Argument(help="The workflow to refit.")]) -> None:
+    """EM over every stored vote: new volunteer skills, then every subject recomputed."""
+    settings = get_settings()
+    sessions = make_sessionmaker(make_engine(settings))
+    report = aggregation.refit(sessions, workflow_id)
+    _apply(settings, sessions, [workflow_id])
+    console.print(
+        f"snapshot {report.snapshot_id}: {report.n_votes:,} votes, {report.n_subjects:,} subjects, "
+        f"{report.n_volunteers:,} volunteers, {report.n_iter} EM sweeps"
+        + ("" if report.converged else " (not converged)")
+    )
+
+
+gold_cli = typer.Typer(help="Gold (known truth).", no_args_is_help=True)
+cli.add_typer(gold_cli, name="gold")
+
+
+@gold_cli.command("import")
+def gold_import(
+    path: Annotated[Path, typer.Argument(help="CSV with columns subject,label.", exists=True)],
+    workflow_id: Annotated[int, typer.Option("--workflow", help="The workflow.")],
+) -> None:
+    """Import gold labels, then refit so the volunteers they touch re-learn."""
+    from app.api_engine import configured, parse_gold
+
+    settings = get_settings()
+    sessions = make_sessionmaker(make_engine(settings))
+    with sessions.begin() as session:
+        _, config = configured(session, workflow_id)
+        labels = parse_gold("text/csv", path.read_bytes(), config)
+        changed = store.upsert_gold(session, workflow_id, labels, source="upload")
+    if changed:
+        aggregation.refit(sessions, workflow_id)
+        _apply(settings, sessions, [workflow_id])
+    console.print(f"{len(labels):,} gold labels ({len(changed):,} new or changed)")
+
+
+@cli.command()
+def aggregate(
+    answers_csv: Annotated[
+        Path, typer.Argument(help="CSV with subject,volunteer,answer.", exists=True)
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Where to write the posteriors.")],
+    gold: Annotated[Path | None, typer.Option("--gold", help="CSV with subject,label.")] = None,
+    gold_only: Annotated[
+        bool, typer.Option("--gold-only", help="Learn from gold alone (SWAP).")
+    ] = False,
+    volunteers_out: Annotated[
+        Path | None, typer.Option("--volunteers-out", help="Where to write volunteer skills.")
+    ] = None,
+) -> None:
+    """Offline: the service's answer engine over a CSV of answers."""
+    from app.offline_answers import aggregate_csv
+
+    summary = aggregate_csv(
+        answers_csv, out, gold_path=gold, gold_only=gold_only, volunteers_out=volunteers_out
+    )
+    console.print(summary)
+
+
+@cli.command("aggregate-marks")
+def aggregate_marks(
+    views_csv: Annotated[
+        Path, typer.Argument(help="CSV with subject,volunteer (one row a view).", exists=True)
+    ],
+    marks_csv: Annotated[Path, typer.Argument(help="CSV of boxes or clicks.", exists=True)],
+    out: Annotated[Path, typer.Option("--out", help="Where to write the clusters.")],
+    tool_size: Annotated[
+        str | None, typer.Option("--tool-size", help="W,H of a click's box.")
+    ] = None,
+    gold: Annotated[Path | None, typer.Option("--gold", help="CSV subject,x1,y1,x2,y2.")] = None,
+    gold_subjects: Annotated[
+        Path | None,
+        typer.Option("--gold-subjects", help="CSV subject: every subject with known truth."),
+    ] = None,
+) -> None:
+    """Offline: cluster marks into objects, each with P(real), P(off) and a consensus box."""
+    from app.offline_marks import aggregate_marks_csv
+
+    size = None
+    if tool_size is not None:
+        try:
+            width, height = (float(x) for x in tool_size.split(","))
+        except ValueError:
+            raise InputError("--tool-size is W,H, two numbers", field="tool-size") from None
+        size = (width, height)
+    summary = aggregate_marks_csv(
+        views_csv,
+        marks_csv,
+        out,
+        tool_size=size,
+        gold_marks_path=gold,
+        gold_subjects_path=gold_subjects,
+    )
+    console.print(summary)
