@@ -283,12 +283,11 @@ def fit(
         raise ValueError("subject, volunteer and answer must have the same length")
     cell = u * K + j
     is_gold, gold_q = _gold_table(gold_subject, gold_label, n_subjects, K)
-    has_votes = np.bincount(s, minlength=n_subjects) > 0
-    counted = has_votes | is_gold
+    n_votes = np.bincount(s, minlength=n_subjects)
+    counted = (n_votes > 0) | is_gold
     fixed_prior = None if class_prior is None else _as_prior(class_prior, K)
 
-    votes = _vote_matrix(s, cell, n_subjects, n_volunteers * K)
-    n_votes = np.bincount(s, minlength=n_subjects)
+    votes = _vote_matrix(s, cell, n_votes, n_volunteers * K)
     # Weighted mode: a vote teaches with weight (n_s - 1) / n_s (gold: 1), fixed for the whole fit,
     # so each (volunteer, answer) cell's total weight is computed once.
     weight = np.where(is_gold, 1.0, (n_votes - 1.0) / np.maximum(n_votes, 1.0))
@@ -308,7 +307,11 @@ def fit(
             )
         posterior = _e_step(votes, producer, is_gold, gold_q)
     else:
-        posterior = _clamp(majority_vote(s, j, n_subjects, K), is_gold, gold_q)
+        answer_of_cell = np.eye(K)[np.tile(np.arange(K), n_volunteers)]  # (U*K, K) one-hot
+        fractions = votes @ answer_of_cell
+        fractions /= np.maximum(n_votes, 1)[:, np.newaxis]
+        fractions[n_votes == 0] = 1.0 / K
+        posterior = _clamp(fractions, is_gold, gold_q)
         prior = fixed_prior if fixed_prior is not None else _learn_prior(posterior, counted)
 
     def m_step(posterior: FloatArray, producer: Skills | None) -> FloatArray:
@@ -385,28 +388,35 @@ def _relative_log_likelihoods(votes: sparse.csr_matrix, skills: Skills) -> Float
     Every vote adds the same log Θ_u[0, j] to all classes, which normalisation removes, so
     K - 1 columns suffice; `votes` is the (S, U*K) vote-count matrix.
     """
-    log_table = _log_table(confusion(skills))
-    relative = np.ascontiguousarray((log_table[1:] - log_table[0]).T)
-    result = np.zeros((votes.shape[0], skills.n_classes))
-    if skills.n_classes == 2:
+    K = skills.n_classes
+    total = skills.alpha[np.newaxis, :, :] + skills.counts  # (U,K,K)
+    row_sum = total[:, :, 0].copy()  # Σ_j total[u, k, j], column by column (K is small)
+    for j in range(1, K):
+        row_sum += total[:, :, j]
+    log_theta = np.log(total) - np.log(row_sum)[:, :, np.newaxis]
+    # relative[u*K + j, k-1] = log Θ_u[k, j] - log Θ_u[0, j]
+    relative = (log_theta[:, 1:, :] - log_theta[:, :1, :]).transpose(0, 2, 1).reshape(-1, K - 1)
+    result = np.zeros((votes.shape[0], K))
+    if K == 2:
         result[:, 1] = votes @ relative[:, 0]  # the one-vector product is scipy's fast path
     else:
         result[:, 1:] = votes @ relative
     return result
 
 
-def _vote_matrix(s: IntArray, cell: IntArray, n_subjects: int, n_cells: int) -> sparse.csr_matrix:
+def _vote_matrix(s: IntArray, cell: IntArray, n_votes: IntArray, n_cells: int) -> sparse.csr_matrix:
     """The vote counts A[s, u*K + j] as a CSR matrix (S, U*K), built in O(V).
 
     Votes already sorted by subject (a refit reads them ORDER BY subject) become CSR arrays
     directly; otherwise scipy's COO-to-CSR counting sort does it.
     """
+    n_subjects = n_votes.size
     small = max(s.size, n_cells, n_subjects) < np.iinfo(np.int32).max
     index = np.int32 if small else np.int64
     data = np.ones(s.size)
     if s.size < 2 or bool(np.all(s[1:] >= s[:-1])):
         indptr = np.zeros(n_subjects + 1, dtype=index)
-        np.cumsum(np.bincount(s, minlength=n_subjects), out=indptr[1:])
+        np.cumsum(n_votes, out=indptr[1:])
         matrix = (data, cell.astype(index), indptr)
         return sparse.csr_matrix(matrix, shape=(n_subjects, n_cells))
     return sparse.csr_matrix((data, (s, cell)), shape=(n_subjects, n_cells))
@@ -423,9 +433,11 @@ def _weighted_counts(
     K = taught.shape[1]
     counts = np.empty((n_volunteers, K, K))
     if K == 2:
-        others = (votes.T @ np.ascontiguousarray(taught[:, 1]))[:, np.newaxis]
-    else:
-        others = votes.T @ np.ascontiguousarray(taught[:, 1:])
+        other = votes.T @ np.ascontiguousarray(taught[:, 1])
+        counts[:, 1, :] = other.reshape(n_volunteers, K)
+        counts[:, 0, :] = np.maximum(cell_total - other, 0.0).reshape(n_volunteers, K)
+        return counts
+    others = votes.T @ np.ascontiguousarray(taught[:, 1:])
     counts[:, 1:, :] = others.reshape(n_volunteers, K, K - 1).transpose(0, 2, 1)
     counts[:, 0, :] = np.maximum(cell_total - others.sum(axis=1), 0.0).reshape(n_volunteers, K)
     return counts
@@ -665,5 +677,7 @@ def _gold_table(
 
 def _clamp(posterior: FloatArray, is_gold: BoolArray, gold_q: FloatArray) -> FloatArray:
     """`posterior` with gold rows replaced by their one-hot labels."""
+    if not is_gold.any():
+        return posterior
     result: FloatArray = np.where(is_gold[:, np.newaxis], gold_q, posterior)
     return result

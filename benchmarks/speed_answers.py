@@ -5,9 +5,10 @@
 
 Votes come from benchmarks/synthetic_answers.py (seeded: spammers, adversaries, Zipf activity,
 3-40 votes a subject). Each run is a fresh process that loads the votes from .npy files and fits
-once, so its peak RSS (getrusage ru_maxrss) is the votes plus the fit plus the interpreter and
-libraries. Medians of `--runs` runs; accuracy against the generator's truth. crowd-kit gets a
-pandas DataFrame (task, worker, label) built outside the timed region.
+once, so its peak RSS (VmHWM in /proc/self/status: the high-water mark of this process's own
+memory; getrusage's ru_maxrss would inherit the parent's from the fork) is the votes plus the fit
+plus the interpreter and libraries. Medians of `--runs` runs; accuracy against the generator's
+truth. crowd-kit gets a pandas DataFrame (task, worker, label) built outside the timed region.
 Writes benchmarks/results/speed_answers.json.
 """
 
@@ -32,6 +33,17 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 
 
+def peak_rss_kb() -> int:
+    """This process's peak resident set size in KiB (VmHWM; ru_maxrss where /proc is missing)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
 def worker(method: str, folder: Path) -> None:
     """One timed fit in this process; prints a JSON line."""
     sys.path.insert(0, str(ROOT))
@@ -43,7 +55,7 @@ def worker(method: str, folder: Path) -> None:
     truth = np.load(folder / "truth.npy")
     meta = json.loads((folder / "meta.json").read_text())
     S, U, K = meta["n_subjects"], meta["n_volunteers"], meta["n_classes"]
-    loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    loaded = peak_rss_kb()
     if method == "gzx":
         start = time.perf_counter()
         result = answers.fit(subject, volunteer, answer, S, U, K)
@@ -64,7 +76,7 @@ def worker(method: str, folder: Path) -> None:
         label = np.zeros(S, dtype=np.int64)
         label[predicted.index.to_numpy()] = predicted.to_numpy()
         extra = {}
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = peak_rss_kb()
     print(
         json.dumps(
             {
@@ -126,7 +138,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worker", choices=["gzx", "crowdkit"])
     parser.add_argument("--folder", type=Path)
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--classes", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--crowdkit-1e7", action="store_true", help="also try crowd-kit on 1e7")
@@ -138,6 +150,7 @@ def main() -> None:
         return
     results: dict[str, Any] = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
+        "load_average_at_start": os.getloadavg(),
         "runs": args.runs,
         "classes": args.classes,
     }
@@ -164,6 +177,7 @@ def main() -> None:
             if "crowdkit" in row and "seconds" in row["crowdkit"]:
                 row["speedup"] = row["crowdkit"]["seconds"] / row["gzx"]["seconds"]
                 print(f"{'':10} speed-up {row['speedup']:.1f}x")
+            row["load_average_after"] = os.getloadavg()
             results[str(n_votes)] = row
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "speed_answers.json").write_text(json.dumps(results, indent=2) + "\n")

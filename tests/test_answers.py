@@ -448,3 +448,11 @@ def test_fit_does_not_depend_on_vote_order() -> None:
     shuffled = fit(subject[order], volunteer[order], answer[order], 400, 40, 3)
     np.testing.assert_allclose(shuffled.posterior, ordered.posterior, atol=1e-9)
     np.testing.assert_allclose(shuffled.skills.counts, ordered.skills.counts, atol=1e-9)
+
+
+def test_the_module_docstring_example_runs() -> None:
+    """The runnable example in app.answers' docstring gives the output it shows."""
+    import doctest
+
+    failures, _ = doctest.testmod(answers)
+    assert failures == 0
