@@ -25,6 +25,7 @@ every classification, so what it posts depends only on the seed and the sizes.
 from __future__ import annotations
 
 import ipaddress
+import signal
 import socket
 import threading
 import time
@@ -205,6 +206,7 @@ class DemoReport:
     gold_classifications: int
     retired: int  # retired by consensus (the rule), contested included
     retired_at_cap: int
+    contested: int  # retired, then a refit would have decided otherwise (kept for review)
     live: int
     accuracy_retired: float
     accuracy_all: float
@@ -368,12 +370,20 @@ class _Server:
                 time.sleep(0.1)
 
     def wait_for_interrupt(self) -> None:
-        """Serve until Ctrl-C (or until the server stops by itself)."""
+        """Serve until Ctrl-C or SIGTERM (or until the server stops by itself)."""
+        stop = threading.Event()
+        previous: dict[signal.Signals, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                previous[sig] = signal.signal(sig, lambda _sig, _frame: stop.set())
         try:
-            while self.thread.is_alive():
-                self.thread.join(0.5)
+            while self.thread.is_alive() and not stop.wait(0.5):
+                pass
         except KeyboardInterrupt:
             pass
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
     def stop(self) -> None:
         self.server.should_exit = True
@@ -566,6 +576,7 @@ def _measure(
     correct = np.zeros(subjects.size, dtype=bool)
     retired = np.zeros(subjects.size, dtype=bool)
     at_cap = np.zeros(subjects.size, dtype=bool)
+    contested = np.zeros(subjects.size, dtype=bool)
     for i, s in enumerate(subjects):
         response = client.get(f"{wf}/subjects/{SUBJECT_BASE + int(s)}")
         if response.status_code == 404:
@@ -576,6 +587,7 @@ def _measure(
         if label is None and posterior:
             label = max(posterior, key=lambda name: posterior[name])
         correct[i] = label == CLASSES[sim.truth[s]]
+        contested[i] = state.get("status") == "contested"
         if state.get("status") in ("retired", "contested"):
             at_cap[i] = state.get("reason") == "classification_count"
             retired[i] = not at_cap[i]
@@ -596,6 +608,7 @@ def _measure(
         gold_classifications=len(sim.votes) - spent,
         retired=int(retired.sum()),
         retired_at_cap=int(at_cap.sum()),
+        contested=int(contested.sum()),
         live=int((~retired & ~at_cap).sum()),
         accuracy_retired=mean(correct[retired]),
         accuracy_all=mean(correct),
@@ -619,8 +632,9 @@ def print_report(console: Console, report: DemoReport) -> None:
     )
     console.print(effort)
     console.print(
-        f"{report.retired} subjects retired by consensus, {report.retired_at_cap} at the cap, "
-        f"{report.live} live; {report.refits} refits; {report.seconds:.1f} s"
+        f"{report.retired} subjects retired by consensus, {report.retired_at_cap} at the cap "
+        f"({report.contested} of them contested by a later refit), {report.live} live; "
+        f"{report.refits} refits; {report.seconds:.1f} s"
     )
     accuracy = Table(title="Accuracy against the simulated truth", title_justify="left")
     accuracy.add_column("subjects")
