@@ -7,7 +7,9 @@ batches take row locks in the same order and cannot deadlock.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -15,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from sqlalchemy import Select, func, select, update
+from sqlalchemy import JSON, Select, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -97,6 +99,12 @@ def record_classifications(
         first_of.setdefault(parsed.id, parsed)
     unique = sorted(first_of.values(), key=lambda p: p.id)
 
+    plan = _postgres_plan() if is_postgres(session) else None
+    if plan is not None:
+        inserted = _record_on_postgres(session, plan, unique, ip_salt, now)
+        _enrich_duplicates(session, [p for p in unique if p.id not in inserted])
+        return _result(items, inserted, [p for p in unique if p.id in inserted])
+
     _ensure_workflows(session, {p.workflow_id for p in unique}, now)
     volunteer_ids = _ensure_volunteers(session, unique, ip_salt, now)
     _upsert_subjects(session, unique, now)
@@ -124,7 +132,14 @@ def record_classifications(
     fresh = [p for p in unique if p.id in inserted]
     _enrich_duplicates(session, [p for p in unique if p.id not in inserted])
     _insert_votes(session, fresh, volunteer_ids, now)
+    return _result(items, inserted, fresh)
 
+
+def _result(
+    items: Sequence[ParsedClassification],
+    inserted: set[int],
+    fresh: Sequence[ParsedClassification],
+) -> RecordResult:
     outcomes = []
     seen: set[int] = set()
     for parsed in items:
@@ -133,6 +148,331 @@ def record_classifications(
         )
         seen.add(parsed.id)
     return RecordResult(outcomes, {p.workflow_id for p in fresh})
+
+
+# --- PostgreSQL: the whole batch in one round trip ----------------------------------------------
+#
+# The rows travel as one JSON document per statement (json_to_recordset), and the statements go
+# in one psycopg pipeline: workflows, volunteers, subjects (fill-ins, then new ones), then one
+# statement whose data-modifying CTEs insert the classifications (ON CONFLICT DO NOTHING) and,
+# for those actually inserted, their views, answers, marks and pending flags. Each statement
+# sees the ones before it (READ COMMITTED takes a new snapshot per statement), so volunteer ids
+# are looked up in SQL, never fetched. Inserts are ordered by key, as in the generic path.
+# Column defaults come from the models; a model this code does not know how to fill (a new
+# NOT NULL column, a JSON default) sends every batch down the generic path instead.
+
+_JSONB_FALSY = "('null', 'false', '0', '\"\"', '[]', '{}')"
+
+
+def _falsy(column: str) -> str:
+    """SQL for Python's `not value` on a stored JSON column."""
+    return f"({column} IS NULL OR {column} IN {_JSONB_FALSY})"
+
+
+@dataclass(frozen=True)
+class _InsertPlan:
+    sql: str
+    defaults: tuple[tuple[str, Any], ...]  # (parameter name, column default)
+
+    def params(self, now: datetime, **values: Any) -> dict[str, Any]:
+        out = dict(values, now=now)
+        for name, default in self.defaults:
+            out[name] = now if default.is_callable else default.arg
+        return out
+
+
+@dataclass(frozen=True)
+class _PostgresPlan:
+    workflows: _InsertPlan
+    volunteers: _InsertPlan
+    subjects_fill: str
+    subjects_new: _InsertPlan
+    classifications: _InsertPlan
+
+
+def _insert_plan(
+    model: Any, supplied: dict[str, str], template: str
+) -> _InsertPlan | None:
+    """INSERT INTO the model's table: `supplied` columns, then its other Python-side defaults."""
+    table = model.__table__
+    columns, values, defaults = list(supplied), list(supplied.values()), []
+    for column in table.columns:
+        if column.name in supplied:
+            continue
+        if column.default is None:
+            if column.nullable or column.server_default is not None or column.autoincrement is True:
+                continue
+            return None  # NOT NULL with nothing to fill it
+        if isinstance(column.type, JSON) or (
+            column.default.is_callable and column.default.arg is not utcnow
+        ):
+            return None
+        if not (column.default.is_callable or column.default.is_scalar):
+            return None
+        name = f"default_{table.name}_{column.name}"
+        columns.append(column.name)
+        values.append(f"%({name})s")
+        defaults.append((name, column.default))
+    sql = template.format(
+        table=table.name, columns=", ".join(columns), values=", ".join(values)
+    )
+    return _InsertPlan(sql, tuple(defaults))
+
+
+@functools.cache
+def _postgres_plan() -> _PostgresPlan | None:
+    workflows = _insert_plan(
+        Workflow,
+        {"id": "w", "created_at": "%(now)s", "updated_at": "%(now)s"},
+        "INSERT INTO {table} ({columns}) SELECT {values}"
+        " FROM unnest(%(ids)s::bigint[]) AS w ORDER BY w ON CONFLICT (id) DO NOTHING",
+    )
+    volunteers = _insert_plan(
+        Volunteer,
+        {
+            "key": "v.key",
+            "kind": "v.kind",
+            "platform_user_id": "v.platform_user_id",
+            "login": "v.login",
+            "ip_hash": "v.ip_hash",
+            "created_at": "%(now)s",
+        },
+        "INSERT INTO {table} ({columns}) SELECT {values} FROM json_to_recordset(%(doc)s::json)"
+        " AS v(key text, kind text, platform_user_id bigint, login text, ip_hash text)"
+        ' ORDER BY v.key COLLATE "C" ON CONFLICT (key) DO NOTHING',
+    )
+    subjects_new = _insert_plan(
+        Subject,
+        {
+            "id": "s.id",
+            "metadata": "COALESCE(s.metadata, '{}')",
+            "locations": "COALESCE(s.locations, '[]')",
+            "width": "s.width",
+            "height": "s.height",
+            "platform_retired": "COALESCE(s.retired, false)",
+            "updated_at": "%(now)s",
+        },
+        "INSERT INTO {table} ({columns}) SELECT {values} FROM json_to_recordset(%(doc)s::json)"
+        " AS s(id bigint, metadata jsonb, locations jsonb, width float8, height float8,"
+        " retired boolean) ORDER BY s.id ON CONFLICT (id) DO NOTHING",
+    )
+    view = _insert_plan(
+        View,
+        {
+            "classification_id": "id",
+            "workflow_id": "workflow_id",
+            "subject_id": "subject_id",
+            "volunteer_id": "volunteer_id",
+            "created_at": "created_at",
+        },
+        "INSERT INTO {table} ({columns}) SELECT {values} FROM fresh ORDER BY id",
+    )
+    answer = _insert_plan(
+        Answer,
+        {
+            "classification_id": "f.id",
+            "workflow_id": "f.workflow_id",
+            "subject_id": "f.subject_id",
+            "task": "a.task",
+            "value": "a.value",
+            "label": "a.label",
+        },
+        "INSERT INTO {table} ({columns}) SELECT {values} FROM fresh AS f,"
+        " ROWS FROM (json_to_recordset(f.answers) AS (task text, value int, label text))"
+        " WITH ORDINALITY AS a(task, value, label, n) ORDER BY f.id, a.n",
+    )
+    mark = _insert_plan(
+        Mark,
+        {
+            "classification_id": "f.id",
+            "workflow_id": "f.workflow_id",
+            "subject_id": "f.subject_id",
+            "task": "m.task",
+            "tool": "m.tool",
+            "frame": "m.frame",
+            "kind": "m.kind",
+            "x1": "m.x1",
+            "y1": "m.y1",
+            "x2": "m.x2",
+            "y2": "m.y2",
+            "details": "COALESCE(m.details, 'null')",
+        },
+        "INSERT INTO {table} ({columns}) SELECT {values} FROM fresh AS f,"
+        " ROWS FROM (json_to_recordset(f.marks) AS (task text, tool int, frame int, kind text,"
+        " x1 float8, y1 float8, x2 float8, y2 float8, details jsonb))"
+        " WITH ORDINALITY AS m(task, tool, frame, kind, x1, y1, x2, y2, details, n)"
+        " ORDER BY f.id, m.n",
+    )
+    pending = _insert_plan(
+        WorkflowSubject,
+        {
+            "workflow_id": "workflow_id",
+            "subject_id": "subject_id",
+            "pending": "true",
+            "updated_at": "%(now)s",
+        },
+        "INSERT INTO {table} ({columns}) SELECT DISTINCT {values} FROM fresh"
+        " ORDER BY workflow_id, subject_id ON CONFLICT (workflow_id, subject_id)"
+        " DO UPDATE SET pending = true, updated_at = excluded.updated_at",
+    )
+    classification = _insert_plan(
+        Classification,
+        {
+            "id": "id",
+            "workflow_id": "workflow_id",
+            "volunteer_id": "volunteer_id",
+            "workflow_version": "workflow_version",
+            "version_major": "version_major",
+            "version_minor": "version_minor",
+            "created_at": "created_at",
+            "received_at": "%(now)s",
+            "source": "source",
+            "gold_standard": "gold_standard",
+            "expert": "expert",
+            "subject_ids": "subject_ids",
+            "raw": "raw",
+        },
+        "INSERT INTO {table} ({columns}) SELECT {values} FROM staged ORDER BY id"
+        " ON CONFLICT (id) DO NOTHING RETURNING id",
+    )
+    parts = (workflows, volunteers, subjects_new, view, answer, mark, pending, classification)
+    if any(part is None for part in parts):
+        return None
+    assert workflows and volunteers and subjects_new and view and answer and mark and pending
+    assert classification
+    classifications = _InsertPlan(
+        f"""WITH input AS (
+  SELECT * FROM json_to_recordset(%(doc)s::json) AS t(
+    id bigint, workflow_id bigint, volunteer_key text, workflow_version text,
+    version_major int, version_minor int, created_at timestamptz, source text,
+    gold_standard boolean, expert text, subject_ids jsonb, raw jsonb, subject_id bigint,
+    answers json, marks json)
+), staged AS (
+  SELECT input.*, v.id AS volunteer_id
+  FROM input LEFT JOIN volunteers AS v ON v.key = input.volunteer_key
+), inserted AS (
+  {classification.sql}
+), fresh AS (
+  SELECT staged.* FROM staged JOIN inserted USING (id) WHERE staged.subject_id IS NOT NULL
+), new_views AS (
+  {view.sql}
+), new_answers AS (
+  {answer.sql}
+), new_marks AS (
+  {mark.sql}
+), new_pending AS (
+  {pending.sql}
+)
+SELECT id FROM inserted""",
+        tuple(
+            default
+            for part in (classification, view, answer, mark, pending)
+            for default in part.defaults
+        ),
+    )
+    subjects_fill = f"""UPDATE subjects AS s SET
+  metadata = CASE WHEN i.metadata IS NOT NULL AND {_falsy("s.metadata")}
+    THEN i.metadata ELSE s.metadata END,
+  locations = CASE WHEN i.locations IS NOT NULL AND {_falsy("s.locations")}
+    THEN i.locations ELSE s.locations END,
+  width = CASE WHEN i.width IS NOT NULL AND s.width IS NULL THEN i.width ELSE s.width END,
+  height = CASE WHEN i.width IS NOT NULL AND s.width IS NULL THEN i.height ELSE s.height END,
+  platform_retired = CASE WHEN i.retired AND NOT COALESCE(s.platform_retired, false)
+    THEN true ELSE s.platform_retired END,
+  updated_at = %(now)s
+FROM json_to_recordset(%(doc)s::json) AS i(id bigint, metadata jsonb, locations jsonb,
+  width float8, height float8, retired boolean)
+WHERE s.id = i.id AND (
+  (i.metadata IS NOT NULL AND {_falsy("s.metadata")})
+  OR (i.locations IS NOT NULL AND {_falsy("s.locations")})
+  OR (i.width IS NOT NULL AND s.width IS NULL)
+  OR (i.retired AND NOT COALESCE(s.platform_retired, false)))"""
+    return _PostgresPlan(workflows, volunteers, subjects_fill, subjects_new, classifications)
+
+
+def _record_on_postgres(
+    session: Session,
+    plan: _PostgresPlan,
+    unique: Sequence[ParsedClassification],
+    ip_salt: str,
+    now: datetime,
+) -> set[int]:
+    """Store a batch (unique ids, sorted) in one pipeline; the ids actually inserted."""
+    identities = {p.id: identify_volunteer(p, ip_salt) for p in unique}
+    volunteers = [
+        {
+            "key": i.key,
+            "kind": i.kind,
+            "platform_user_id": i.platform_user_id,
+            "login": i.login,
+            "ip_hash": i.ip_hash,
+        }
+        for i in {i.key: i for i in identities.values()}.values()
+    ]
+    subjects = []
+    for subject_id, entry in _incoming_subjects(unique).items():
+        size = entry["size"] or (None, None)
+        subjects.append(
+            {
+                "id": subject_id,
+                "metadata": entry["metadata"] or None,
+                "locations": entry["locations"] or None,
+                "width": size[0],
+                "height": size[1],
+                "retired": bool(entry["retired"]),
+            }
+        )
+    records = []
+    for p in unique:
+        version = parse_version(p.workflow_version) or (None, None)
+        records.append(
+            {
+                "id": p.id,
+                "workflow_id": p.workflow_id,
+                "volunteer_key": identities[p.id].key,
+                "workflow_version": p.workflow_version,
+                "version_major": version[0],
+                "version_minor": version[1],
+                "created_at": p.created_at.isoformat(),
+                "source": p.source,
+                "gold_standard": p.gold_standard,
+                "expert": p.expert,
+                "subject_ids": list(p.subject_ids),
+                "raw": _raw_of(p),
+                "subject_id": p.subject_ids[0] if p.subject_ids else None,
+                "answers": [{"task": a.task, "value": a.index, "label": a.label} for a in p.answers],
+                "marks": [
+                    {
+                        "task": m.task,
+                        "tool": m.tool,
+                        "frame": m.frame,
+                        "kind": m.kind,
+                        "x1": m.x1,
+                        "y1": m.y1,
+                        "x2": m.x2,
+                        "y2": m.y2,
+                        "details": list(m.details) or None,
+                    }
+                    for m in p.marks
+                ],
+            }
+        )
+    workflow_ids = sorted({p.workflow_id for p in unique})
+    connection = session.connection().connection.driver_connection
+    with connection.pipeline(), connection.cursor() as cursor:
+        cursor.execute(plan.workflows.sql, plan.workflows.params(now, ids=workflow_ids))
+        cursor.execute(
+            plan.volunteers.sql, plan.volunteers.params(now, doc=json.dumps(volunteers))
+        )
+        if subjects:
+            doc = json.dumps(subjects)
+            cursor.execute(plan.subjects_fill, {"now": now, "doc": doc})
+            cursor.execute(plan.subjects_new.sql, plan.subjects_new.params(now, doc=doc))
+        cursor.execute(
+            plan.classifications.sql, plan.classifications.params(now, doc=json.dumps(records))
+        )
+        inserted = {row[0] for row in cursor.fetchall()}
+    return inserted
 
 
 def _raw_of(parsed: ParsedClassification) -> dict[str, Any]:
@@ -197,6 +537,11 @@ def _upsert_subjects(
     session: Session, items: Sequence[ParsedClassification], now: datetime
 ) -> None:
     """Create subjects on first sight; fill in metadata, locations and size a later copy brings."""
+    _merge_subjects(session, _incoming_subjects(items), now)
+
+
+def _incoming_subjects(items: Sequence[ParsedClassification]) -> dict[int, dict[str, Any]]:
+    """What a batch says of each of its subjects (the first copy that says something wins)."""
     incoming: dict[int, dict[str, Any]] = {}
     for parsed in items:
         described = {s.id: s for s in parsed.subjects}
@@ -212,7 +557,7 @@ def _upsert_subjects(
                 entry["retired"] = entry["retired"] or bool(subject.retired)
             if position == 0 and size is not None:
                 entry["size"] = entry["size"] or size
-    _merge_subjects(session, incoming, now)
+    return incoming
 
 
 def _merge_subjects(session: Session, incoming: dict[int, dict[str, Any]], now: datetime) -> None:
@@ -228,7 +573,7 @@ def _merge_subjects(session: Session, incoming: dict[int, dict[str, Any]], now: 
             new_rows.append(
                 {
                     "id": subject_id,
-                    "metadata": entry["metadata"],
+                    "subject_metadata": entry["metadata"],
                     "locations": entry["locations"],
                     "width": size[0],
                     "height": size[1],
