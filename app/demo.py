@@ -632,8 +632,8 @@ def print_report(console: Console, report: DemoReport) -> None:
     )
     console.print(effort)
     console.print(
-        f"{report.retired} subjects retired by consensus, {report.retired_at_cap} at the cap "
-        f"({report.contested} of them contested by a later refit), {report.live} live; "
+        f"{report.retired} subjects retired by consensus ({report.contested} contested after a "
+        f"refit), {report.retired_at_cap} at the cap, {report.live} live; "
         f"{report.refits} refits; {report.seconds:.1f} s"
     )
     accuracy = Table(title="Accuracy against the simulated truth", title_justify="left")
