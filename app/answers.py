@@ -378,8 +378,15 @@ def _e_step(
     votes: sparse.csr_matrix, skills: Skills, is_gold: BoolArray, gold_q: FloatArray
 ) -> FloatArray:
     """Soft labels (S,K) under `skills`, gold rows clamped to their one-hot label."""
-    log_post = _relative_log_likelihoods(votes, skills) + np.log(skills.class_prior)
-    return _clamp(_softmax_rows(log_post), is_gold, gold_q)
+    log_post = _relative_log_likelihoods(votes, skills)
+    prior = skills.class_prior
+    if skills.n_classes == 2:  # the softmax of (0, x) is (expit(-x), expit(x))
+        logit = log_post[:, 1] + np.log(prior[1] / prior[0])
+        posterior = np.empty_like(log_post)
+        special.expit(-logit, out=posterior[:, 0])
+        special.expit(logit, out=posterior[:, 1])
+        return _clamp(posterior, is_gold, gold_q)
+    return _clamp(_softmax_rows(log_post + np.log(prior)), is_gold, gold_q)
 
 
 def _relative_log_likelihoods(votes: sparse.csr_matrix, skills: Skills) -> FloatArray:
@@ -486,7 +493,7 @@ def _soft_counts(cell: IntArray, teach: FloatArray, n_volunteers: int, K: int) -
 
 def _learn_prior(posterior: FloatArray, counted: BoolArray) -> FloatArray:
     """π_k = (1 + Σ_s q_s[k]) / (K + n), over the subjects with votes or gold."""
-    total = counted.astype(np.float64) @ posterior + 1.0
+    total = (posterior.sum(axis=0) if counted.all() else posterior[counted].sum(axis=0)) + 1.0
     result: FloatArray = total / total.sum()
     return result
 
