@@ -16,7 +16,8 @@ import numpy.typing as npt
 from sqlalchemy import text, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from app import answers, store
+from app import answers, parsing, store
+from app.errors import InputError
 from app.models import Retirement, Workflow, WorkflowSubject, utcnow
 from app.workflows import WorkflowConfig, load_config
 
@@ -150,6 +151,44 @@ def gather_votes(
     return SubjectVotes(p, u, a, n_views, n_classifications, counts)
 
 
+def gold_from_signals(
+    session: Session, workflow_id: int, config: WorkflowConfig, subject_ids: Sequence[int]
+) -> None:
+    """Gold that the platform's own data carries: an expert's gold-standard classification, or a
+    training subject's feedback answer in its metadata. Uploaded gold always wins over these."""
+    if config.question is None:
+        return
+    labels: dict[int, str] = {}
+    for subject, metadata in store.subject_metadata(session, subject_ids).items():
+        try:
+            signal = parsing.gold_from_metadata(metadata)
+        except InputError:
+            continue  # malformed feedback keys: not truth we can use
+        if signal is None:
+            continue
+        for rule in signal.rules:
+            k = class_of_vote(rule.answer_index, rule.answer_label, config)
+            if k is not None:
+                labels[subject] = config.classes[k]
+                break
+    for subject, value, label in store.expert_answers(
+        session, workflow_id, subject_ids, config.question.task
+    ):
+        k = class_of_vote(value, label, config)
+        if k is not None:
+            labels[subject] = config.classes[k]
+    if not labels:
+        return
+    uploaded = {
+        s
+        for s, source in store.gold_sources(session, workflow_id, list(labels)).items()
+        if source == "upload"
+    }
+    by_source = {s: label for s, label in labels.items() if s not in uploaded}
+    if by_source:
+        store.upsert_gold(session, workflow_id, by_source, source="platform")
+
+
 def update_subjects(
     session: Session, workflow: Workflow, config: WorkflowConfig, subject_ids: Sequence[int]
 ) -> list[dict[str, Any]]:
@@ -158,6 +197,7 @@ def update_subjects(
     A retired subject stays retired; if its posterior would now decide otherwise (a refit moved
     the skills, or later votes disagree), it is marked `contested` for a researcher to review.
     """
+    gold_from_signals(session, workflow.id, config, subject_ids)
     votes = gather_votes(session, workflow.id, config, subject_ids)
     states: list[dict[str, Any]] = [
         {
@@ -250,6 +290,11 @@ def apply_pending(sessions: sessionmaker[Session], workflow_id: int, batch_size:
             subject_ids = store.claim_pending_subjects(session, workflow_id, batch_size)
             if not subject_ids:
                 return total
+            # Read the skill snapshot only now that the subjects are ours: a refit switches the
+            # snapshot and marks every subject pending in one transaction, so either we see its
+            # snapshot, or its marking waits for our locks and the subjects come round again.
+            session.refresh(workflow)
+            config = load_config(workflow.config or {})
             update_subjects(session, workflow, config, subject_ids)
         total += len(subject_ids)
 

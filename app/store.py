@@ -718,6 +718,12 @@ def claim_pending_subjects(session: Session, workflow_id: int, limit: int) -> li
     )
     if is_postgres(session):
         query = query.with_for_update(skip_locked=True)
+    else:
+        # SQLite has no row locks: take the database's write lock before reading, so no other
+        # writer (a refit marking subjects pending, say) can commit between our read and write.
+        session.execute(
+            update(Workflow).where(Workflow.id == workflow_id).values(updated_at=Workflow.updated_at)
+        )
     return list(session.scalars(query))
 
 
@@ -1049,3 +1055,33 @@ def all_votes(session: Session, workflow_id: int, task: str, chunk: int = 100_00
         label,
         last_view_id,
     )
+
+
+def expert_answers(
+    session: Session, workflow_id: int, subject_ids: Sequence[int], task: str
+) -> list[tuple[int, int | None, str | None]]:
+    """(subject, value, label) of gold-standard classifications by experts on these subjects."""
+    query = (
+        select(View.subject_id, Answer.value, Answer.label)
+        .join(Classification, Classification.id == View.classification_id)
+        .join(Answer, (Answer.classification_id == View.classification_id) & (Answer.task == task))
+        .where(
+            View.workflow_id == workflow_id,
+            View.subject_id.in_(subject_ids),
+            Classification.gold_standard.is_(True),
+        )
+        .order_by(View.subject_id, View.created_at)
+    )
+    return [(s, v, label) for s, v, label in session.execute(query).all()]
+
+
+def subject_metadata(session: Session, subject_ids: Sequence[int]) -> dict[int, dict[str, Any]]:
+    query = select(Subject.id, Subject.subject_metadata).where(Subject.id.in_(subject_ids))
+    return {s: m or {} for s, m in session.execute(query).all()}
+
+
+def gold_sources(session: Session, workflow_id: int, subject_ids: Sequence[int]) -> dict[int, str]:
+    query = select(Gold.subject_id, Gold.source).where(
+        Gold.workflow_id == workflow_id, Gold.subject_id.in_(subject_ids)
+    )
+    return dict(session.execute(query).all())

@@ -116,7 +116,8 @@ def test_the_service_equals_gzx_aggregate_after_a_refit(service: Service, tmp_pa
         offline = {int(row["subject"]): row for row in csv.DictReader(handle)}
     for subject_id, row in offline.items():
         served = client.get(f"/v1/workflows/{WF}/subjects/{subject_id}").json()
-        assert served["label"] == row["label"]
+        if abs(served["posterior"]["featured"] - 0.5) > 1e-9:  # an exact tie may go either way
+            assert served["label"] == row["label"], (served["posterior"], row)
         for name in names:
             assert abs(served["posterior"][name] - float(row[f"p_{name}"])) < 1e-6  # the CSV has 6 decimals
 
