@@ -194,8 +194,9 @@ def update_subjects(
 ) -> list[dict[str, Any]]:
     """Recompute the given subjects from all their stored classifications and decide retirement.
 
-    A retired subject stays retired; if its posterior would now decide otherwise (a refit moved
-    the skills, or later votes disagree), it is marked `contested` for a researcher to review.
+    A retired subject stays retired; if its most probable answer is no longer the one it retired
+    with (a refit moved the skills, or later votes disagree), it is marked `contested` for a
+    researcher to review. Subjects retired by the cap are not contested.
     """
     gold_from_signals(session, workflow.id, config, subject_ids)
     votes = gather_votes(session, workflow.id, config, subject_ids)
@@ -270,11 +271,8 @@ def _answer_posteriors(
             )
             state.update(status="retired", reason=reason, retired_at=now, retired_label=label)
         elif status == "retired" and row is not None:
-            would_retire = bool(reason) and reason != answers.CLASSIFICATION_COUNT
-            changed_mind = row.reason != answers.CLASSIFICATION_COUNT and (
-                not would_retire or label != row.retired_label
-            )
-            if changed_mind:
+            # Contested: the answer it was retired with is no longer the most probable one.
+            if row.reason != answers.CLASSIFICATION_COUNT and label != row.retired_label:
                 state.update(status="contested")
 
 

@@ -845,18 +845,22 @@ class Snapshot:
     last_view_id: int
 
 
-_snapshot_cache: dict[tuple[str, int], Snapshot] = {}
+_snapshot_cache: dict[tuple[str, int, str], Snapshot] = {}
 
 
 def load_snapshot(session: Session, snapshot_id: int) -> Snapshot:
     """A snapshot's arrays; snapshots are immutable, so each process keeps those it read."""
-    key = (str(session.get_bind().url), snapshot_id)
+    created = session.scalar(
+        select(SkillSnapshot.created_at).where(SkillSnapshot.id == snapshot_id)
+    )
+    if created is None:
+        raise LookupError(f"skill snapshot {snapshot_id} does not exist")
+    key = (str(session.get_bind().url), snapshot_id, created.isoformat())  # ids may be reused
     cached = _snapshot_cache.get(key)
     if cached is not None:
         return cached
     row = session.get(SkillSnapshot, snapshot_id)
-    if row is None:
-        raise LookupError(f"skill snapshot {snapshot_id} does not exist")
+    assert row is not None
     K = row.n_classes
     ids = np.frombuffer(row.volunteer_ids, dtype=np.int64)
     snapshot = Snapshot(
