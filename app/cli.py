@@ -36,6 +36,7 @@ IMPORT_BATCH = 2000
 
 def main() -> None:
     logging.basicConfig(level=os.environ.get("GZX_LOG_LEVEL", "INFO"))
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is noise here
     try:
         cli()
     except GzxError as error:
@@ -384,3 +385,40 @@ def aggregate_marks(
         gold_subjects_path=gold_subjects,
     )
     console.print(summary)
+
+
+@cli.command()
+def demo(
+    host: Annotated[str, typer.Option(help="Address to serve on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to serve on.")] = 8000,
+    database: Annotated[
+        Path, typer.Option(help="SQLite file of the demo (made afresh each run).")
+    ] = Path("gzx-demo.db"),
+    subjects: Annotated[int, typer.Option(help="Simulated subjects.")] = 400,
+    volunteers: Annotated[int, typer.Option(help="Simulated volunteers.")] = 120,
+    cap: Annotated[
+        int, typer.Option(help="The fixed-count baseline's classifications a subject.")
+    ] = 20,
+    seed: Annotated[int, typer.Option(help="Seed of the simulated crowd.")] = 0,
+    keep_serving: Annotated[bool, typer.Option(help="Keep serving after the simulation.")] = True,
+) -> None:
+    """Start gzx on the embedded default, play a simulated Galaxy-Zoo-like crowd against it over
+    HTTP, print the classifications saved and the accuracy, then keep serving."""
+    from app.demo import run_demo
+
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{database}{suffix}").unlink(missing_ok=True)
+    settings = get_settings().model_copy(
+        update={"database_url": f"sqlite:///{database}", "redis_url": None}
+    )
+    run_demo(
+        settings,
+        host=host,
+        port=port,
+        n_subjects=subjects,
+        n_volunteers=volunteers,
+        cap=cap,
+        seed=seed,
+        keep_serving=keep_serving,
+        console=console,
+    )

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The first command of the README: install gzx into .venv and run it on the embedded default
+# The first command of the README: install gzx into .venv and run `gzx demo` on the embedded default
 # (a SQLite file in this folder, jobs in-process, no other service).
-#   bash scripts/run.sh [gzx serve options...]
+#   bash scripts/run.sh [gzx demo options...]   (gzx demo --help lists them)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 if [ ! -x .venv/bin/python ]; then
@@ -13,4 +13,4 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     .venv/bin/pip install -q --disable-pip-version-check -e .
     echo "$want" >"$stamp"
 fi
-exec .venv/bin/gzx serve "$@"
+exec .venv/bin/gzx demo "$@"
