@@ -270,10 +270,14 @@ def _answer_posteriors(
                 )
             )
             state.update(status="retired", reason=reason, retired_at=now, retired_label=label)
-        elif status == "retired" and row is not None:
+        elif (
+            status == "retired"
+            and row is not None
+            and row.reason != answers.CLASSIFICATION_COUNT
+            and label != row.retired_label
+        ):
             # Contested: the answer it was retired with is no longer the most probable one.
-            if row.reason != answers.CLASSIFICATION_COUNT and label != row.retired_label:
-                state.update(status="contested")
+            state.update(status="contested")
 
 
 def apply_pending(sessions: sessionmaker[Session], workflow_id: int, batch_size: int = 500) -> int:
@@ -407,3 +411,75 @@ def refit(sessions: sessionmaker[Session], workflow_id: int) -> RefitReport:
         result.n_iter,
         result.converged,
     )
+
+
+def preview_retirement(
+    session: Session, workflow: Workflow, config: WorkflowConfig, rule: answers.RetirementRule
+) -> dict[str, Any]:
+    """What a candidate rule would have done on the stored votes, replayed in arrival order with
+    the current skills: subjects retired, classifications saved, and accuracy on gold subjects
+    (scored as if they were not gold)."""
+    if config.question is None:
+        raise InputError("the workflow has no question task", field="question")
+    table = store.all_votes(session, workflow.id, config.question.task)
+    classes = answer_classes(table, config)
+    keep = votes_that_count(table, config) & (classes >= 0)
+    order = np.lexsort(
+        (table.classification_id[keep], table.created_at[keep], table.subject_id[keep])
+    )
+    subject = table.subject_id[keep][order]
+    volunteer = table.volunteer_id[keep][order]
+    answer = classes[keep][order]
+    K = len(config.classes)
+    if subject.size == 0:
+        return {
+            "subjects": 0,
+            "would_retire": 0,
+            "classifications": 0,
+            "classifications_used": 0,
+            "classifications_saved": 0,
+            "gold_subjects_scored": 0,
+            "accuracy_on_gold": None,
+            "reasons": {},
+        }
+    volunteers, local = np.unique(volunteer, return_inverse=True)
+    skills = skills_for(
+        session, workflow.id, config, current_snapshot(session, workflow), volunteers
+    )
+    loglik = np.log(answers.confusion(skills))[local, :, answer]  # (V, K): log Θ_u[:, answer]
+    new_subject = np.r_[True, subject[1:] != subject[:-1]]
+    starts = np.flatnonzero(new_subject)
+    group = np.cumsum(new_subject) - 1  # each vote's subject, 0..S-1
+    running = np.cumsum(loglik, axis=0)
+    before = np.vstack([np.zeros((1, K)), running])[starts]  # the sum before each subject begins
+    log_post = running - before[group] + np.log(skills.class_prior)
+    post = np.exp(log_post - log_post.max(axis=1, keepdims=True))
+    post /= post.sum(axis=1, keepdims=True)
+    n_views = np.arange(subject.size) - starts[group] + 1
+    reasons = answers.decide_retirement(post, n_views, np.zeros(subject.size, dtype=bool), rule)
+    hits = np.flatnonzero(reasons != answers.NOT_RETIRED)
+    first = np.full(starts.size, -1)
+    hit_groups, first_of_group = np.unique(group[hits], return_index=True)
+    first[hit_groups] = hits[first_of_group]
+    totals = np.diff(np.r_[starts, subject.size])
+    retired = first >= 0
+    used = np.where(retired, first - starts + 1, totals)
+    gold = store.gold_labels(session, workflow.id)
+    correct = scored = 0
+    for g, sid in enumerate(subject[starts].tolist()):
+        if retired[g] and gold.get(sid) in config.classes:
+            scored += 1
+            correct += int(config.classes[int(post[first[g]].argmax())] == gold[sid])
+    return {
+        "subjects": int(starts.size),
+        "would_retire": int(retired.sum()),
+        "classifications": int(subject.size),
+        "classifications_used": int(used.sum()),
+        "classifications_saved": int(subject.size - used.sum()),
+        "gold_subjects_scored": scored,
+        "accuracy_on_gold": (correct / scored) if scored else None,
+        "reasons": {
+            str(r): int(c)
+            for r, c in zip(*np.unique(reasons[first[retired]], return_counts=True), strict=True)
+        },
+    }

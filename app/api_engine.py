@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app import aggregation, answers, store
 from app.auth import Authenticator
-from app.bodies import RawBody
+from app.bodies import JsonBody, RawBody
 from app.errors import InputError, NotFound
 from app.models import Classification, View, Volunteer, Workflow, WorkflowSubject
 from app.workflows import WorkflowConfig, load_config
@@ -161,6 +161,21 @@ def add_engine_routes(
             changed = store.upsert_gold(session, workflow_id, labels, source="upload")
         refit = run_refit(workflow_id) if changed else None
         return {"stored": len(labels), "changed": len(changed), "refit": refit}
+
+    @app.post(
+        "/v1/workflows/{workflow_id}/retirement-preview",
+        tags=["workflows"],
+        dependencies=[Depends(auth.require("read"))],
+    )
+    def retirement_preview(workflow_id: int, body: JsonBody) -> dict[str, Any]:
+        """What a candidate retirement rule (the `retirement` block of a workflow configuration)
+        would do on the stored votes: subjects retired, classifications saved, accuracy on gold."""
+        with sessions() as session:
+            workflow, config = configured(session, workflow_id)
+            candidate = load_config({**config.to_json(), "retirement": body})
+            return aggregation.preview_retirement(
+                session, workflow, config, candidate.retirement_rule()
+            )
 
     @app.post(
         "/v1/workflows/{workflow_id}/refit",

@@ -119,7 +119,9 @@ def test_the_service_equals_gzx_aggregate_after_a_refit(service: Service, tmp_pa
         if abs(served["posterior"]["featured"] - 0.5) > 1e-9:  # an exact tie may go either way
             assert served["label"] == row["label"], (served["posterior"], row)
         for name in names:
-            assert abs(served["posterior"][name] - float(row[f"p_{name}"])) < 1e-6  # the CSV has 6 decimals
+            assert (
+                abs(served["posterior"][name] - float(row[f"p_{name}"])) < 1e-6
+            )  # the CSV has 6 decimals
 
 
 def test_gold_teaches_a_volunteer_their_confusion_matrix(service: Service) -> None:
@@ -172,3 +174,29 @@ def test_a_gold_upload_names_the_bad_field(service: Service) -> None:
         f"/v1/workflows/{WF}/gold", content=csv_body, headers={"content-type": "text/csv"}
     )
     assert response.status_code == 422 and response.json()["field"] == "line 2.subject_id"
+
+
+def test_a_retirement_preview_counts_savings_and_gold_accuracy(service: Service) -> None:
+    """A looser rule retires more subjects sooner; its accuracy on gold is reported."""
+    client = TestClient(service.app)
+    client.put(f"/v1/workflows/{WF}", json=config(kind="none"))
+    votes = simulate(seed=3)
+    post_votes(client, votes)
+    gold = [{"subject_id": 1000 + s, "label": ["featured", "smooth"][s % 2]} for s in range(10)]
+    client.put(f"/v1/workflows/{WF}/gold", json={"subjects": gold})
+    settle(service)
+    strict = client.post(
+        f"/v1/workflows/{WF}/retirement-preview", json={"kind": "risk", "risk_bound": 1e-6}
+    )
+    loose = client.post(
+        f"/v1/workflows/{WF}/retirement-preview", json={"kind": "risk", "risk_bound": 0.05}
+    )
+    assert strict.status_code == loose.status_code == 200, loose.text
+    strict_body, loose_body = strict.json(), loose.json()
+    assert loose_body["classifications"] == len(votes)
+    assert loose_body["classifications_saved"] > strict_body["classifications_saved"] >= 0
+    assert loose_body["would_retire"] >= strict_body["would_retire"]
+    assert loose_body["gold_subjects_scored"] > 0
+    assert 0.5 <= loose_body["accuracy_on_gold"] <= 1.0
+    bad = client.post(f"/v1/workflows/{WF}/retirement-preview", json={"kind": "magic"})
+    assert bad.status_code == 422 and bad.json()["field"] == "retirement.kind"
