@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -483,3 +484,24 @@ def preview_retirement(
             for r, c in zip(*np.unique(reasons[first[retired]], return_counts=True), strict=True)
         },
     }
+
+
+def due_refits(session: Session) -> list[int]:
+    """Workflows whose configured refit interval has passed since their last skill snapshot."""
+    now = utcnow()
+    due = []
+    for workflow in session.query(Workflow).filter(Workflow.config.is_not(None)):
+        interval = (workflow.config or {}).get("refit_interval_s")
+        if not interval:
+            continue
+        last = None
+        if workflow.skill_snapshot_id is not None:
+            last = store.snapshot_time(session, workflow.skill_snapshot_id)
+        if last is None or (now - _aware(last)).total_seconds() >= float(interval):
+            due.append(workflow.id)
+    return due
+
+
+def _aware(moment: datetime) -> datetime:
+    """SQLite hands datetimes back without their zone; gzx stores UTC."""
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)

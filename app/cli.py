@@ -83,7 +83,7 @@ def serve(
     settings = get_settings()
     if not _is_loopback(host) and not settings.has_credentials:
         console.print(
-            "[red]refusing to listen on a non-loopback address with no credentials configured[/red]:"
+            "[red]refusing to listen on a non-loopback address with no credentials[/red]:"
             " set GZX_TOKENS (and GZX_KINESIS_PASSWORD / GZX_CAESAR_SECRET)"
         )
         raise typer.Exit(2)

@@ -7,10 +7,12 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
-from sqlalchemy import select
+from sqlalchemy import Connection, Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from app import store
@@ -21,6 +23,8 @@ from app.pipeline import Dispatcher
 from app.workflows import WorkflowConfig, load_config
 
 log = logging.getLogger("gzx.ingest")
+
+HOLD_IDLE_S = 1.0  # the group-commit connection goes back to the pool after this long idle
 
 
 def check_against_config(parsed: ParsedClassification, config: WorkflowConfig) -> None:
@@ -118,6 +122,8 @@ class GroupCommitter:
         self._ip_salt = ip_salt
         self._max_items = max_items
         self._queue: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
+        self._connection: Connection | None = None
+        self._last_commit = 0.0
         self._thread = threading.Thread(target=self._run, name="gzx-group-commit", daemon=True)
         self._thread.start()
 
@@ -135,6 +141,8 @@ class GroupCommitter:
     def close(self) -> None:
         self._queue.put(None)
         self._thread.join(timeout=10)
+        if not self._thread.is_alive():
+            self._release_connection()
 
     def _run(self) -> None:
         while True:
@@ -170,8 +178,42 @@ class GroupCommitter:
         for request in group:
             request.done.set()
 
+    def _connection_for_group(self) -> Connection | None:
+        """The connection groups commit on while busy (no pool checkout and ping per group).
+
+        It is given back after HOLD_IDLE_S without a group, or after any failure, so an idle
+        service or a restarted database gets a fresh, pinged connection from the pool.
+        """
+        if self._connection is not None and time.monotonic() - self._last_commit > HOLD_IDLE_S:
+            self._release_connection()
+        bind = self._sessions.kw.get("bind")
+        if self._connection is None and isinstance(bind, Engine):
+            self._connection = bind.connect()
+        return self._connection
+
+    def _release_connection(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            try:
+                connection.close()
+            except Exception:
+                log.warning("closing the group-commit connection failed", exc_info=True)
+
     def _store(self, group: list[_Request]) -> set[int]:
-        with self._sessions.begin() as session:
+        try:
+            connection = self._connection_for_group()
+            sessions = (
+                self._sessions if connection is None else partial(self._sessions, bind=connection)
+            )
+            workflow_ids = self._store_on(sessions(), group)
+        except BaseException:
+            self._release_connection()
+            raise
+        self._last_commit = time.monotonic()
+        return workflow_ids
+
+    def _store_on(self, session: Session, group: list[_Request]) -> set[int]:
+        with session, session.begin():
             configs = workflow_configs(session, {p.workflow_id for r in group for p in r.items})
             accepted: list[tuple[_Request, int, ParsedClassification]] = []
             for request in group:

@@ -48,8 +48,13 @@ arXiv:2210.03684, Clump Scout's BoxAggregator; corrected non-marker term of shar
     candidate clusters matched to gold are real, the others false -> f), then EM over the other
     subjects' candidate clusters (Dawid-Skene on the candidate x viewer table) with soft truth
     q_c = P(real_c). Leave-one-out: the evidence that teaches u uses q_c^(-u) = sigmoid(L_c - own
-    term), counts only candidates someone else marked (a candidate that exists only because u
-    marked it says nothing about u), and u's distance is taken to the consensus box without u.
+    term). p_fn counts only candidates someone else marked (an object that is a candidate only
+    because u marked it says nothing about u's misses); f counts every candidate, the places where
+    anyone marked, so u's lone spurious marks are f's evidence (with soft truth f counted only on
+    candidates others marked drifts up from real objects' leftover doubt when false candidates
+    are rare). u's distance is taken to the consensus box without u. pi_obj is learned from gold
+    candidates only: from soft truth it runs away to "every lone mark is a real object that
+    everyone else missed".
 """
 
 from __future__ import annotations
@@ -96,6 +101,7 @@ class MarkPriors:
     sigma_strength: float = 10.0
     obj_prior: float = 0.5
     obj_prior_strength: float = 4.0
+    hyper_strength: float = 0.0
     object_rate: float = 1.0
 
 
@@ -705,20 +711,37 @@ class _Counts:
 
 
 def _shrink(
-    num: FloatArray, den: FloatArray, mean0: float, strength: float
+    num: FloatArray, den: FloatArray, mean0: float, strength: float, hyper: float
 ) -> tuple[FloatArray, float]:
-    """Posterior means with an empirical-Bayes prior centred on the pooled rate."""
-    pooled = (mean0 * strength + num.sum()) / (strength + den.sum())
+    """Posterior means with an empirical-Bayes prior centred on the pooled rate.
+
+    The pooled rate is shrunk to the literature mean with `hyper` pseudo-counts per volunteer.
+    """
+    pooled = (mean0 * (strength + hyper * num.size) + num.sum()) / (
+        strength + hyper * num.size + den.sum()
+    )
     return (pooled * strength + num) / (strength + den), float(pooled)
 
 
 def _skills_from(
     counts: _Counts, priors: MarkPriors, obj_prior: float, object_rate: float
 ) -> MarkSkills:
-    p_fn, pop_fn = _shrink(counts.fn_num, counts.fn_den, priors.p_fn, priors.p_fn_strength)
-    f, pop_f = _shrink(counts.f_num, counts.f_den, priors.f, priors.f_strength)
-    p_fp, pop_fp = _shrink(counts.fp_num, counts.fp_den, priors.p_fp, priors.p_fp_strength)
-    var, pop_var = _shrink(counts.sig_num, counts.sig_den, priors.sigma**2, priors.sigma_strength)
+    p_fn, pop_fn = _shrink(
+        counts.fn_num, counts.fn_den, priors.p_fn, priors.p_fn_strength, priors.hyper_strength
+    )
+    f, pop_f = _shrink(
+        counts.f_num, counts.f_den, priors.f, priors.f_strength, priors.hyper_strength
+    )
+    p_fp, pop_fp = _shrink(
+        counts.fp_num, counts.fp_den, priors.p_fp, priors.p_fp_strength, priors.hyper_strength
+    )
+    var, pop_var = _shrink(
+        counts.sig_num,
+        counts.sig_den,
+        priors.sigma**2,
+        priors.sigma_strength,
+        priors.hyper_strength,
+    )
     p_fn = np.clip(p_fn, _P_MIN, _P_MAX)
     f = np.minimum(np.clip(f, _P_MIN, _P_MAX), 0.99 * (1.0 - p_fn))
     return MarkSkills(
@@ -904,9 +927,10 @@ def learn_skills(
         for _ in range(max(em_iterations, 1)):
             counts, q = em.counts(skills, obj_prior, use_em)
             total = gold_counts.plus(counts)
-            if learn_obj_prior and q.size:
-                obj_prior = (pr.obj_prior * pr.obj_prior_strength + q.sum()) / (
-                    pr.obj_prior_strength + q.size
+            if learn_obj_prior and em.gold_cluster.any():
+                real = float(em.truth[em.gold_cluster].sum())
+                obj_prior = (pr.obj_prior * pr.obj_prior_strength + real) / (
+                    pr.obj_prior_strength + float(em.gold_cluster.sum())
                 )
             if use_em:
                 n_other = float((n_seen & ~is_gold).sum())
@@ -1000,9 +1024,8 @@ class _EmTable:
         q_loo = np.where(self.pair_gold, q[self.pair_c], expit(logit[self.pair_c] - own))
         known = self.pair_u < self.n_vol
         c = _Counts(self.n_vol)
-        gold_ok = known & self.others & self.pair_gold
+        f_ok = known & (self.pair_gold | use_em)
         em_ok = known & self.others & ~self.pair_gold & use_em
-        f_ok = gold_ok | em_ok
         u_f = self.pair_u[f_ok]
         c.f_num = _sum_by(u_f, (1 - q_loo[f_ok]) * self.is_marker[f_ok], self.n_vol)
         c.f_den = _sum_by(u_f, 1 - q_loo[f_ok], self.n_vol)

@@ -7,7 +7,7 @@ subject's posterior depends on is stored here, so any state can be rebuilt by re
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, ClassVar
 
 from sqlalchemy import (
     JSON,
@@ -35,7 +35,11 @@ def utcnow() -> datetime:
 
 
 class Base(DeclarativeBase):
-    type_annotation_map = {dict[str, Any]: JSONValue, list[Any]: JSONValue, Any: JSONValue}
+    type_annotation_map: ClassVar[dict[Any, Any]] = {
+        dict[str, Any]: JSONValue,
+        list[Any]: JSONValue,
+        Any: JSONValue,
+    }
 
 
 class Workflow(Base):
@@ -65,7 +69,7 @@ class Subject(Base):
 
 
 class Volunteer(Base):
-    """A logged-in user (`user:<id>`), an anonymous session (`anon:<hash>`) or a machine (`ml:...`)."""
+    """A logged-in user (`user:<id>`), an anonymous session (`anon:<hash>`) or a machine (`ml:`)."""
 
     __tablename__ = "volunteers"
     id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
@@ -103,9 +107,7 @@ class View(Base):
 
     __tablename__ = "views"
     id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
-    classification_id: Mapped[int] = mapped_column(
-        ForeignKey("classifications.id"), unique=True
-    )
+    classification_id: Mapped[int] = mapped_column(ForeignKey("classifications.id"), unique=True)
     workflow_id: Mapped[int] = mapped_column(BigInteger)
     subject_id: Mapped[int] = mapped_column(BigInteger)
     volunteer_id: Mapped[int] = mapped_column(Integer)

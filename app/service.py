@@ -46,6 +46,10 @@ def in_process_dispatcher(
 
     def sweep() -> list[int]:
         with sessions() as session:
+            due = aggregation.due_refits(session)
+        for workflow_id in due:
+            aggregation.refit(sessions, workflow_id)
+        with sessions() as session:
             return store.workflows_with_pending(session)
 
     return InProcessDispatcher(apply, sweep, settings.sweep_interval_s)

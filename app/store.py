@@ -190,9 +190,7 @@ class _PostgresPlan:
     classifications: _InsertPlan
 
 
-def _insert_plan(
-    model: Any, supplied: dict[str, str], template: str
-) -> _InsertPlan | None:
+def _insert_plan(model: Any, supplied: dict[str, str], template: str) -> _InsertPlan | None:
     """INSERT INTO the model's table: `supplied` columns, then its other Python-side defaults."""
     table = model.__table__
     columns, values, defaults = list(supplied), list(supplied.values()), []
@@ -213,9 +211,7 @@ def _insert_plan(
         columns.append(column.name)
         values.append(f"%({name})s")
         defaults.append((name, column.default))
-    sql = template.format(
-        table=table.name, columns=", ".join(columns), values=", ".join(values)
-    )
+    sql = template.format(table=table.name, columns=", ".join(columns), values=", ".join(values))
     return _InsertPlan(sql, tuple(defaults))
 
 
@@ -440,7 +436,9 @@ def _record_on_postgres(
                 "subject_ids": list(p.subject_ids),
                 "raw": _raw_of(p),
                 "subject_id": p.subject_ids[0] if p.subject_ids else None,
-                "answers": [{"task": a.task, "value": a.index, "label": a.label} for a in p.answers],
+                "answers": [
+                    {"task": a.task, "value": a.index, "label": a.label} for a in p.answers
+                ],
                 "marks": [
                     {
                         "task": m.task,
@@ -461,9 +459,7 @@ def _record_on_postgres(
     connection = session.connection().connection.driver_connection
     with connection.pipeline(), connection.cursor() as cursor:
         cursor.execute(plan.workflows.sql, plan.workflows.params(now, ids=workflow_ids))
-        cursor.execute(
-            plan.volunteers.sql, plan.volunteers.params(now, doc=json.dumps(volunteers))
-        )
+        cursor.execute(plan.volunteers.sql, plan.volunteers.params(now, doc=json.dumps(volunteers)))
         if subjects:
             doc = json.dumps(subjects)
             cursor.execute(plan.subjects_fill, {"now": now, "doc": doc})
@@ -722,7 +718,9 @@ def claim_pending_subjects(session: Session, workflow_id: int, limit: int) -> li
         # SQLite has no row locks: take the database's write lock before reading, so no other
         # writer (a refit marking subjects pending, say) can commit between our read and write.
         session.execute(
-            update(Workflow).where(Workflow.id == workflow_id).values(updated_at=Workflow.updated_at)
+            update(Workflow)
+            .where(Workflow.id == workflow_id)
+            .values(updated_at=Workflow.updated_at)
         )
     return list(session.scalars(query))
 
@@ -1089,3 +1087,7 @@ def gold_sources(session: Session, workflow_id: int, subject_ids: Sequence[int])
         Gold.workflow_id == workflow_id, Gold.subject_id.in_(subject_ids)
     )
     return dict(session.execute(query).all())
+
+
+def snapshot_time(session: Session, snapshot_id: int) -> datetime | None:
+    return session.scalar(select(SkillSnapshot.created_at).where(SkillSnapshot.id == snapshot_id))

@@ -124,3 +124,15 @@ def test_a_killed_worker_and_a_flushed_redis_lose_nothing(
     views = sum(subject(client, 90 + k)["views"] for k in range(7))
     assert views == 120
     assert all(not subject(client, 90 + k)["pending"] for k in range(7))
+
+
+def test_a_due_refit_is_queued_by_the_schedule(rq_service: Service, redis: Redis) -> None:
+    """With refit_interval_s set and no snapshot yet, the schedule queues a refit that runs."""
+    client = TestClient(rq_service.app)
+    client.put(f"/v1/workflows/{p.WORKFLOW}", json={**p.clump_config(), "refit_interval_s": 3600})
+    client.post("/v1/classifications", json=[p.classic(5000 + i, 60, i, 0) for i in range(4)])
+    assert jobs.run_schedules() == [p.WORKFLOW]
+    run_worker(redis)
+    stats = client.get(f"/v1/workflows/{p.WORKFLOW}/stats").json()
+    assert stats["skill_snapshot_id"] is not None
+    assert jobs.run_schedules() == []  # not due again for an hour

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from rq import Queue
+
 from app import aggregation, store
-from app.pipeline import RQDispatcher, start_of_job
+from app.pipeline import AGGREGATE_QUEUE, RQDispatcher, start_of_job
 from workers.context import context
 
 
@@ -36,3 +38,17 @@ def refit_workflow(workflow_id: int) -> dict[str, object]:
         start_of_job(ctx.redis, workflow_id)
         RQDispatcher(ctx.redis).notify([workflow_id])
     return {"snapshot_id": report.snapshot_id, "n_votes": report.n_votes}
+
+
+def run_schedules() -> list[int]:
+    """Queue the refits whose workflow's interval has passed (rq cron runs this every minute)."""
+    ctx = context()
+    with ctx.sessions() as session:
+        due = aggregation.due_refits(session)
+    if ctx.redis is not None:
+        queue = Queue(AGGREGATE_QUEUE, connection=ctx.redis)
+        for workflow_id in due:
+            queue.enqueue(
+                refit_workflow, workflow_id, job_id=f"refit-{workflow_id}", job_timeout=3600
+            )
+    return due
