@@ -3,7 +3,8 @@
 Volunteers are a skill mixture: good ones (diagonal 0.7-0.95), mediocre ones (0.55-0.7),
 spammers (every row the same random distribution, or always the same answer) and adversaries
 (who mostly give a wrong class). Activity is Zipf-distributed (a few volunteers cast most votes),
-every subject gets 3-40 votes (uniform), and a volunteer votes at most once per subject.
+every subject gets 3-40 votes (uniform), and a volunteer votes at most once per subject (repeat
+draws are dropped). No volunteer casts more than 0.2% of the votes (a cap on the Zipf head).
 
     .venv/bin/python benchmarks/synthetic_answers.py --votes 1000000 --classes 2 --seed 0
 """
