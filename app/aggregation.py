@@ -59,7 +59,8 @@ def class_prior(config: WorkflowConfig) -> npt.NDArray[np.float64] | None:
     if not given:
         return None
     prior = np.array([float(given.get(name, 0.0)) for name in config.classes])
-    return prior / prior.sum()
+    result: npt.NDArray[np.float64] = prior / prior.sum()
+    return result
 
 
 def skills_for(

@@ -15,7 +15,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
-from sqlalchemy import func, select, text
+from sqlalchemy import func, select, text, update
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -210,7 +210,7 @@ def create_app(
             workflow.updated_at = now
             session.flush()
             session.execute(
-                WorkflowSubject.__table__.update()
+                update(WorkflowSubject)
                 .where(WorkflowSubject.workflow_id == workflow_id)
                 .values(pending=True)
             )

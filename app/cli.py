@@ -16,6 +16,7 @@ import typer
 import yaml
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from sqlalchemy import update
 
 from app import aggregation, parsing, store
 from app.db import make_engine, make_sessionmaker, migrate
@@ -192,9 +193,7 @@ def workflow_apply(
         workflow.updated_at = now
         session.flush()
         session.execute(
-            WorkflowSubject.__table__.update()
-            .where(WorkflowSubject.workflow_id == wid)
-            .values(pending=True)
+            update(WorkflowSubject).where(WorkflowSubject.workflow_id == wid).values(pending=True)
         )
     _apply(settings, sessions, [wid])
     console.print(f"workflow {wid} configured (config hash {config.digest()[:12]})")

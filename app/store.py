@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from sqlalchemy import JSON, Select, func, select, update
+from sqlalchemy import JSON, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -706,7 +706,7 @@ def mark_subjects_pending(
 
 def claim_pending_subjects(session: Session, workflow_id: int, limit: int) -> list[int]:
     """Pending subjects of a workflow, locked for this transaction (others skip them)."""
-    query: Select[tuple[int]] = (
+    query = (
         select(WorkflowSubject.subject_id)
         .where(WorkflowSubject.workflow_id == workflow_id, WorkflowSubject.pending.is_(True))
         .order_by(WorkflowSubject.subject_id)
@@ -853,7 +853,9 @@ def load_snapshot(session: Session, snapshot_id: int) -> Snapshot:
     )
     if created is None:
         raise LookupError(f"skill snapshot {snapshot_id} does not exist")
-    key = (str(session.get_bind().url), snapshot_id, created.isoformat())  # ids may be reused
+    bind = session.get_bind()
+    url = str(bind.engine.url)
+    key = (url, snapshot_id, created.isoformat())  # ids may be reused after a restore
     cached = _snapshot_cache.get(key)
     if cached is not None:
         return cached
