@@ -313,42 +313,33 @@ class RefitReport:
     converged: bool
 
 
-def votes_that_count(table: store.VoteTable, config: WorkflowConfig) -> npt.NDArray[np.bool_]:
-    """Vectorised repeat policy and version floor over a whole workflow's votes."""
-    keep = np.ones(table.subject_id.size, dtype=bool)
-    oldest = config.min_version()
-    if oldest is not None:
-        keep &= table.version >= oldest[0] * 1_000_000 + oldest[1]
+def votes_that_count(table: store.VoteTable, repeats: str) -> npt.NDArray[np.bool_]:
+    """The repeat policy, vectorised over a whole workflow: one vote per volunteer per subject,
+    the first (or last) by platform created_at, ties by classification id; unmapped answers out."""
     order = np.lexsort(
-        (table.classification_id, table.created_at, table.volunteer_id, table.subject_id)
+        (table.classification_id, table.created_us, table.volunteer_id, table.subject_id)
     )
-    order = order[keep[order]]
     s, u = table.subject_id[order], table.volunteer_id[order]
     new_pair = np.ones(order.size, dtype=bool)
-    if config.repeats == "keep_first":
+    if repeats == "keep_first":
         new_pair[1:] = (s[1:] != s[:-1]) | (u[1:] != u[:-1])
     else:
         new_pair[:-1] = (s[1:] != s[:-1]) | (u[1:] != u[:-1])
-    result = np.zeros(keep.size, dtype=bool)
+    result = np.zeros(order.size, dtype=bool)
     result[order[new_pair]] = True
-    return result
+    return result & (table.answer >= 0)
 
 
-def answer_classes(table: store.VoteTable, config: WorkflowConfig) -> IntArray:
-    """The class of every vote (-1 when its answer maps to none), vectorised over indices."""
-    by_index = config.class_of_index()
-    lookup = np.full(max(by_index, default=0) + 2, -1, dtype=np.int64)
-    for index, k in by_index.items():
-        lookup[index] = k
-    value = table.value
-    classes = np.where(
-        (value >= 0) & (value < lookup.size - 1), lookup[np.clip(value, 0, lookup.size - 1)], -1
+def workflow_votes(session: Session, workflow_id: int, config: WorkflowConfig) -> store.VoteTable:
+    assert config.question is not None
+    return store.all_votes(
+        session,
+        workflow_id,
+        config.question.task,
+        config.class_of_index(),
+        config.class_of_label(),
+        config.min_version(),
     )
-    by_label = config.class_of_label()
-    if by_label and any(label is not None for label in table.label):
-        labelled = np.array([by_label.get(x, -1) if x is not None else -1 for x in table.label])
-        classes = np.where(value < 0, labelled, classes)
-    return classes
 
 
 def refit(sessions: sessionmaker[Session], workflow_id: int) -> RefitReport:
@@ -364,9 +355,9 @@ def refit(sessions: sessionmaker[Session], workflow_id: int) -> RefitReport:
         config = load_config(workflow.config)
         if config.question is None:
             raise LookupError(f"workflow {workflow_id} has no question task to refit")
-        table = store.all_votes(session, workflow_id, config.question.task)
-        classes = answer_classes(table, config)
-        keep = votes_that_count(table, config) & (classes >= 0)
+        table = workflow_votes(session, workflow_id, config)
+        keep = votes_that_count(table, config.repeats)
+        classes = table.answer
         subjects, s = np.unique(table.subject_id[keep], return_inverse=True)
         volunteers, u = np.unique(table.volunteer_id[keep], return_inverse=True)
         gold = store.gold_labels(session, workflow_id)
@@ -423,11 +414,11 @@ def preview_retirement(
     (scored as if they were not gold)."""
     if config.question is None:
         raise InputError("the workflow has no question task", field="question")
-    table = store.all_votes(session, workflow.id, config.question.task)
-    classes = answer_classes(table, config)
-    keep = votes_that_count(table, config) & (classes >= 0)
+    table = workflow_votes(session, workflow.id, config)
+    keep = votes_that_count(table, config.repeats)
+    classes = table.answer
     order = np.lexsort(
-        (table.classification_id[keep], table.created_at[keep], table.subject_id[keep])
+        (table.classification_id[keep], table.created_us[keep], table.subject_id[keep])
     )
     subject = table.subject_id[keep][order]
     volunteer = table.volunteer_id[keep][order]

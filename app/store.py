@@ -12,12 +12,12 @@ import hashlib
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from sqlalchemy import JSON, func, select, update
+from sqlalchemy import JSON, BigInteger, case, cast, func, literal, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -1005,60 +1005,102 @@ def subjects_seen_by_voters_of(
 
 @dataclass(frozen=True)
 class VoteTable:
-    """Every vote of a workflow's question task, as columns (the refit's input)."""
+    """Every counted answer of a workflow's question task, as columns (the refit's input)."""
 
     classification_id: npt.NDArray[np.int64]
     subject_id: npt.NDArray[np.int64]
     volunteer_id: npt.NDArray[np.int64]
-    created_at: npt.NDArray[np.float64]  # seconds since the epoch
-    version: npt.NDArray[np.int64]  # major * 1_000_000 + minor; -1 when unknown
-    value: npt.NDArray[np.int64]  # -1 when the answer came as a label
-    label: list[str | None]
+    created_us: npt.NDArray[np.int64]  # platform created_at, microseconds since the epoch
+    answer: npt.NDArray[np.int64]  # the class, -1 when the answer maps to none
     last_view_id: int
 
 
-def all_votes(session: Session, workflow_id: int, task: str, chunk: int = 100_000) -> VoteTable:
-    """Every classification of a workflow with its answer to `task`, read in one streamed query."""
+def all_votes(
+    session: Session,
+    workflow_id: int,
+    task: str,
+    class_of_index: dict[int, int],
+    class_of_label: dict[str, int],
+    min_version: tuple[int, int] | None,
+    chunk: int = 100_000,
+) -> VoteTable:
+    """Every answer to `task` in a workflow, from views up to now, by volunteers not excluded and
+    on workflow versions not older than `min_version`, its class mapped in SQL.
+
+    One query: on PostgreSQL a binary COPY parsed straight into numpy (every column a bigint, so
+    each row has the same width); elsewhere a streamed select.
+    """
     last_view_id = int(session.scalar(select(func.coalesce(func.max(View.id), 0))) or 0)
+    by_index = case(class_of_index, value=Answer.value, else_=-1) if class_of_index else literal(-1)
+    by_label = case(class_of_label, value=Answer.label, else_=-1) if class_of_label else literal(-1)
+    answer = case((Answer.value.is_not(None), by_index), else_=by_label)
+    postgres = is_postgres(session)
+    created = (
+        cast(func.extract("epoch", View.created_at) * 1_000_000, BigInteger)
+        if postgres
+        else View.created_at
+    )
     query = (
         select(
-            View.classification_id,
-            View.subject_id,
-            View.volunteer_id,
-            View.created_at,
-            Classification.version_major,
-            Classification.version_minor,
-            Answer.value,
-            Answer.label,
+            cast(View.classification_id, BigInteger),
+            cast(View.subject_id, BigInteger),
+            cast(View.volunteer_id, BigInteger),
+            created,
+            cast(answer, BigInteger),
         )
         .join(Classification, Classification.id == View.classification_id)
         .join(Answer, (Answer.classification_id == View.classification_id) & (Answer.task == task))
-        .where(View.id <= last_view_id)
         .join(Volunteer, Volunteer.id == View.volunteer_id)
-        .where(View.workflow_id == workflow_id, Volunteer.excluded.is_(False))
-        .execution_options(yield_per=chunk)
+        .where(
+            View.workflow_id == workflow_id,
+            View.id <= last_view_id,
+            Volunteer.excluded.is_(False),
+        )
     )
-    columns: list[list[Any]] = [[] for _ in range(8)]
-    for partition in session.execute(query).partitions():
-        for index, column in enumerate(zip(*partition, strict=True)):
-            columns[index].extend(column)
-    cid, sid, vid, created, major, minor, value, label = columns
-    return VoteTable(
-        np.asarray(cid, dtype=np.int64),
-        np.asarray(sid, dtype=np.int64),
-        np.asarray(vid, dtype=np.int64),
-        np.asarray([c.timestamp() for c in created], dtype=np.float64),
-        np.asarray(
-            [
-                -1 if a is None else a * 1_000_000 + (b or 0)
-                for a, b in zip(major, minor, strict=True)
-            ],
-            dtype=np.int64,
-        ),
-        np.asarray([-1 if v is None else v for v in value], dtype=np.int64),
-        label,
-        last_view_id,
-    )
+    if min_version is not None:
+        major, minor = min_version
+        query = query.where(
+            (Classification.version_major > major)
+            | ((Classification.version_major == major) & (Classification.version_minor >= minor))
+        )
+    if postgres:
+        columns = _copy_bigints(session, query, 5)
+    else:
+        rows: list[list[Any]] = [[] for _ in range(5)]
+        for part in session.execute(query.execution_options(yield_per=chunk)).partitions():
+            for index, column in enumerate(zip(*part, strict=True)):
+                rows[index].extend(column)
+        rows[3] = [round(_utc(c).timestamp() * 1_000_000) for c in rows[3]]
+        columns = [np.asarray(column, dtype=np.int64) for column in rows]
+    cid, sid, vid, created_us, answer_class = columns
+    return VoteTable(cid, sid, vid, created_us, answer_class, last_view_id)
+
+
+def _utc(moment: datetime) -> datetime:
+    """SQLite hands datetimes back without their zone; gzx stores UTC."""
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def _copy_bigints(session: Session, query: Any, n_columns: int) -> list[npt.NDArray[np.int64]]:
+    """Run `query` (every column a non-null bigint) as COPY ... TO STDOUT (FORMAT binary) and
+    read the rows as a numpy structured array: 2 bytes of field count, then per field 4 bytes of
+    length and 8 of big-endian value."""
+    sql = str(query.compile(session.get_bind(), compile_kwargs={"literal_binds": True}))
+    connection = session.connection().connection.driver_connection
+    assert connection is not None
+    buffer = bytearray()
+    with (
+        connection.cursor() as cursor,
+        cursor.copy(f"COPY ({sql}) TO STDOUT (FORMAT binary)") as copy,
+    ):
+        for block in copy:
+            buffer += block
+    header = 11 + 4 + 4 + int.from_bytes(buffer[15:19], "big")
+    fields: list[tuple[str, str]] = [("count", ">i2")]
+    for i in range(n_columns):
+        fields += [(f"length{i}", ">i4"), (f"value{i}", ">i8")]
+    rows = np.frombuffer(memoryview(buffer)[header:-2], dtype=np.dtype(fields))
+    return [rows[f"value{i}"].astype(np.int64) for i in range(n_columns)]
 
 
 def expert_answers(
