@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from sqlalchemy import text, update
+from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
 from app import answers, parsing, store
@@ -103,6 +103,20 @@ def skills_for(
             seen.add((volunteer, subject))
             counts[index[volunteer], truth, answer] += 1.0
     return answers.Skills(counts, np.asarray(alpha), np.asarray(prior))
+
+
+def subject_history(
+    session: Session, workflow: Workflow, config: WorkflowConfig, subject_id: int
+) -> list[list[float]]:
+    """The posterior after 0, 1, .., n counted votes of one subject, in arrival order, with the
+    current skills (SWAP's trajectory), computed when asked for."""
+    votes = gather_votes(session, workflow.id, config, [subject_id])
+    volunteers, local = np.unique(votes.volunteer, return_inverse=True)
+    skills = skills_for(
+        session, workflow.id, config, current_snapshot(session, workflow), volunteers
+    )
+    history = answers.posterior_history(local, votes.answer, skills)
+    return [[float(x) for x in row] for row in history]
 
 
 def current_snapshot(session: Session, workflow: Workflow) -> store.Snapshot | None:
@@ -244,18 +258,10 @@ def _answer_posteriors(
             WorkflowSubject.workflow_id == workflow.id, WorkflowSubject.subject_id.in_(subject_ids)
         )
     }
-    order = np.argsort(votes.position, kind="stable")
-    bounds = np.searchsorted(votes.position[order], np.arange(len(subject_ids) + 1))
     now = utcnow()
     for i, state in enumerate(states):
-        mine = order[bounds[i] : bounds[i + 1]]
-        history = answers.posterior_history(local[mine], votes.answer[mine], skills)
         label = config.classes[int(posterior[i].argmax())]
-        state.update(
-            posterior=[float(x) for x in posterior[i]],
-            history=[[float(x) for x in row] for row in history],
-            label=label,
-        )
+        state.update(posterior=[float(x) for x in posterior[i]], label=label)
         row = existing.get(state["subject_id"])
         status = row.status if row is not None else "live"
         reason = str(reasons[i])
@@ -342,9 +348,65 @@ def workflow_votes(session: Session, workflow_id: int, config: WorkflowConfig) -
     )
 
 
+def write_refit_results(
+    session: Session,
+    workflow_id: int,
+    config: WorkflowConfig,
+    subjects: IntArray,
+    vote_subject: IntArray,
+    posterior: npt.NDArray[np.float64],
+    gold_items: list[tuple[int, int]],
+) -> None:
+    """Every subject of the fit recomputed at once: posterior, label, retirement, contested."""
+    n_views = np.bincount(vote_subject, minlength=subjects.size)
+    is_gold = np.zeros(subjects.size, dtype=bool)
+    is_gold[[g[0] for g in gold_items]] = True
+    reasons = answers.decide_retirement(posterior, n_views, is_gold, config.retirement_rule())
+    labels = posterior.argmax(axis=1)
+    existing = store.subject_statuses(session, workflow_id)
+    now = utcnow()
+    rows, events = [], []
+    for i, subject_id in enumerate(subjects.tolist()):
+        status, retired_label, old_reason = existing.get(subject_id, ("live", None, None))
+        label = config.classes[int(labels[i])]
+        reason = str(reasons[i])
+        row = {
+            "subject_id": subject_id,
+            "posterior": posterior[i].tolist(),
+            "label": label,
+            "status": status,
+            "reason": old_reason,
+            "retired_at": None,
+            "retired_label": retired_label,
+        }
+        if status == "live" and reason:
+            row.update(status="retired", reason=reason, retired_at=now, retired_label=label)
+            events.append(
+                {
+                    "workflow_id": workflow_id,
+                    "subject_id": subject_id,
+                    "reason": reason,
+                    "posterior": row["posterior"],
+                    "n_votes": int(n_views[i]),
+                    "source": "refit",
+                    "created_at": now,
+                }
+            )
+        elif (
+            status == "retired"
+            and old_reason != answers.CLASSIFICATION_COUNT
+            and label != retired_label
+        ):
+            row.update(status="contested")
+        rows.append(row)
+    store.write_subject_results(session, workflow_id, rows)
+    store.insert_retirements(session, events)
+
+
 def refit(sessions: sessionmaker[Session], workflow_id: int) -> RefitReport:
     """Re-estimate every volunteer and the class prior by EM over all stored votes, store a new
-    snapshot, and queue every subject of the workflow to be recomputed with it."""
+    snapshot, and write every subject's posterior and retirement under it in bulk; subjects
+    whose votes arrived during the refit are left pending for the next apply."""
     with sessions.begin() as session:
         if store.is_postgres(session):
             # One refit per workflow at a time, across every worker.
@@ -391,11 +453,8 @@ def refit(sessions: sessionmaker[Session], workflow_id: int) -> RefitReport:
             n_iter=result.n_iter,
             converged=result.converged,
         )
-        session.execute(
-            update(WorkflowSubject)
-            .where(WorkflowSubject.workflow_id == workflow_id)
-            .values(pending=True)
-        )
+        write_refit_results(session, workflow_id, config, subjects, s, result.posterior, gold_items)
+        store.mark_pending_after(session, workflow_id, table.last_view_id)
     return RefitReport(
         snapshot_id,
         int(keep.sum()),

@@ -105,7 +105,13 @@ def add_engine_routes(
                 "reason": state.reason,
                 "retired_at": state.retired_at.isoformat() if state.retired_at else None,
                 "gold": gold,
-                "history": state.history or [],
+                "history": (
+                    aggregation.subject_history(
+                        session, workflow, load_config(workflow.config), subject_id
+                    )
+                    if workflow is not None and workflow.config and "question" in workflow.config
+                    else []
+                ),
                 "updated_at": state.updated_at.isoformat(),
             }
 

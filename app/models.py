@@ -162,7 +162,6 @@ class WorkflowSubject(Base):
     n_views: Mapped[int] = mapped_column(Integer, default=0)
     counts: Mapped[list[Any] | None] = mapped_column(JSONValue)
     posterior: Mapped[list[Any] | None] = mapped_column(JSONValue)
-    history: Mapped[list[Any] | None] = mapped_column(JSONValue)
     label: Mapped[str | None] = mapped_column(String(200))
     reason: Mapped[str | None] = mapped_column(String(32))
     retired_label: Mapped[str | None] = mapped_column(String(200))

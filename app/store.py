@@ -26,6 +26,7 @@ from app.models import (
     Classification,
     Gold,
     Mark,
+    Retirement,
     SkillSnapshot,
     Subject,
     View,
@@ -1135,3 +1136,93 @@ def gold_sources(session: Session, workflow_id: int, subject_ids: Sequence[int])
 
 def snapshot_time(session: Session, snapshot_id: int) -> datetime | None:
     return session.scalar(select(SkillSnapshot.created_at).where(SkillSnapshot.id == snapshot_id))
+
+
+def subject_statuses(
+    session: Session, workflow_id: int
+) -> dict[int, tuple[str, str | None, str | None]]:
+    """Every subject of a workflow: (status, label it retired with, retirement reason)."""
+    query = select(
+        WorkflowSubject.subject_id,
+        WorkflowSubject.status,
+        WorkflowSubject.retired_label,
+        WorkflowSubject.reason,
+    ).where(WorkflowSubject.workflow_id == workflow_id)
+    return {s: (status, label, reason) for s, status, label, reason in session.execute(query).all()}
+
+
+def write_subject_results(
+    session: Session, workflow_id: int, rows: Sequence[dict[str, Any]]
+) -> None:
+    """Bulk-write recomputed subjects (subject_id, posterior, label, status, reason, retired_at,
+    retired_label; a None retired_at keeps the stored one): on PostgreSQL through COPY into a
+    temporary table and one UPDATE."""
+    if not rows:
+        return
+    if not is_postgres(session):
+        for row in rows:
+            values = {k: v for k, v in row.items() if k != "subject_id"}
+            if values.get("retired_at") is None:
+                values.pop("retired_at", None)  # keep the stored moment of retirement
+            session.execute(
+                update(WorkflowSubject)
+                .where(
+                    WorkflowSubject.workflow_id == workflow_id,
+                    WorkflowSubject.subject_id == row["subject_id"],
+                )
+                .values(**values)
+            )
+        return
+    connection = session.connection().connection.driver_connection
+    assert connection is not None
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "CREATE TEMP TABLE gzx_results (subject_id bigint, posterior jsonb, label text,"
+            " status text, reason text, retired_at timestamptz, retired_label text)"
+            " ON COMMIT DROP"
+        )
+        columns = (
+            "subject_id",
+            "posterior",
+            "label",
+            "status",
+            "reason",
+            "retired_at",
+            "retired_label",
+        )
+        with cursor.copy(f"COPY gzx_results ({', '.join(columns)}) FROM STDIN") as copy:
+            for row in rows:
+                copy.write_row(
+                    [
+                        row["subject_id"],
+                        json.dumps(row["posterior"]),
+                        row["label"],
+                        row["status"],
+                        row["reason"],
+                        row["retired_at"],
+                        row["retired_label"],
+                    ]
+                )
+        cursor.execute(
+            "UPDATE workflow_subjects AS w SET posterior = r.posterior, label = r.label,"
+            " status = r.status, reason = r.reason,"
+            " retired_at = COALESCE(r.retired_at, w.retired_at),"
+            " retired_label = r.retired_label, updated_at = now()"
+            " FROM gzx_results AS r WHERE w.workflow_id = %s AND w.subject_id = r.subject_id",
+            (workflow_id,),
+        )
+
+
+def mark_pending_after(session: Session, workflow_id: int, last_view_id: int) -> None:
+    """Subjects with views newer than `last_view_id` need applying again."""
+    newer = select(View.subject_id).where(View.workflow_id == workflow_id, View.id > last_view_id)
+    session.execute(
+        update(WorkflowSubject)
+        .where(WorkflowSubject.workflow_id == workflow_id, WorkflowSubject.subject_id.in_(newer))
+        .values(pending=True)
+    )
+
+
+def insert_retirements(session: Session, rows: Sequence[dict[str, Any]]) -> None:
+    if rows:
+        session.execute(_insert(session, Retirement), list(rows))

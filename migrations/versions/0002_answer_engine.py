@@ -57,20 +57,12 @@ def upgrade() -> None:
         )
 
     with op.batch_alter_table("workflow_subjects", schema=None) as batch_op:
-        batch_op.add_column(
-            sa.Column(
-                "history",
-                sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), "postgresql"),
-                nullable=True,
-            )
-        )
         batch_op.add_column(sa.Column("retired_label", sa.String(length=200), nullable=True))
 
 
 def downgrade() -> None:
     with op.batch_alter_table("workflow_subjects", schema=None) as batch_op:
         batch_op.drop_column("retired_label")
-        batch_op.drop_column("history")
 
     with op.batch_alter_table("skill_snapshots", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_skill_snapshots_workflow_id"))
