@@ -297,6 +297,7 @@ def apply_pending(sessions: sessionmaker[Session], workflow_id: int, batch_size:
             if workflow is None or workflow.config is None:
                 return total
             config = load_config(workflow.config)
+            store.commit_without_waiting_for_disk(session)
             subject_ids = store.claim_pending_subjects(session, workflow_id, batch_size)
             if not subject_ids:
                 return total

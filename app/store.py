@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from sqlalchemy import JSON, BigInteger, case, cast, func, literal, select, update
+from sqlalchemy import JSON, BigInteger, case, cast, func, literal, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -458,18 +458,22 @@ def _record_on_postgres(
         )
     workflow_ids = sorted({p.workflow_id for p in unique})
     connection = session.connection().connection.driver_connection
-    with connection.pipeline(), connection.cursor() as cursor:
-        cursor.execute(plan.workflows.sql, plan.workflows.params(now, ids=workflow_ids))
-        cursor.execute(plan.volunteers.sql, plan.volunteers.params(now, doc=json.dumps(volunteers)))
-        if subjects:
-            doc = json.dumps(subjects)
-            cursor.execute(plan.subjects_fill, {"now": now, "doc": doc})
-            cursor.execute(plan.subjects_new.sql, plan.subjects_new.params(now, doc=doc))
-        cursor.execute(
-            plan.classifications.sql, plan.classifications.params(now, doc=json.dumps(records))
-        )
-        inserted = {row[0] for row in cursor.fetchall()}
-    return inserted
+    assert connection is not None
+    with connection.cursor() as cursor, connection.cursor() as last:
+        with connection.pipeline():  # one Sync, at the end: one round trip for the batch
+            cursor.execute(plan.workflows.sql, plan.workflows.params(now, ids=workflow_ids))
+            cursor.execute(
+                plan.volunteers.sql, plan.volunteers.params(now, doc=json.dumps(volunteers))
+            )
+            if subjects:
+                doc = json.dumps(subjects)
+                cursor.execute(plan.subjects_fill, {"now": now, "doc": doc})
+                cursor.execute(plan.subjects_new.sql, plan.subjects_new.params(now, doc=doc))
+            last.execute(
+                plan.classifications.sql,
+                plan.classifications.params(now, doc=json.dumps(records)),
+            )
+        return {row[0] for row in last.fetchall()}
 
 
 def _raw_of(parsed: ParsedClassification) -> dict[str, Any]:
@@ -1226,3 +1230,12 @@ def mark_pending_after(session: Session, workflow_id: int, last_view_id: int) ->
 def insert_retirements(session: Session, rows: Sequence[dict[str, Any]]) -> None:
     if rows:
         session.execute(_insert(session, Retirement), list(rows))
+
+
+def commit_without_waiting_for_disk(session: Session) -> None:
+    """For transactions that write only derived state (posteriors, clusters, retirements decided
+    from stored votes): PostgreSQL may acknowledge the commit before its WAL reaches the disk. A
+    crash can then lose the whole transaction, never part of it; its subjects are still pending
+    and are applied again. Votes themselves are always committed synchronously."""
+    if is_postgres(session):
+        session.execute(text("SET LOCAL synchronous_commit TO OFF"))
