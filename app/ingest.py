@@ -19,6 +19,7 @@ from app import store
 from app.errors import GzxError, InputError
 from app.models import Workflow
 from app.parsing import ParsedClassification
+from app.store import is_postgres
 from app.pipeline import Dispatcher
 from app.workflows import WorkflowConfig, load_config
 
@@ -45,6 +46,18 @@ def check_against_config(parsed: ParsedClassification, config: WorkflowConfig) -
 
 
 def workflow_configs(session: Session, workflow_ids: set[int]) -> dict[int, WorkflowConfig]:
+    if is_postgres(session):
+        # In a pipeline, psycopg sends the transaction's BEGIN with this query: one round trip.
+        connection = session.connection().connection.driver_connection
+        assert connection is not None
+        with connection.cursor() as cursor:
+            with connection.pipeline():
+                cursor.execute(
+                    "SELECT id, config FROM workflows"
+                    " WHERE id = ANY(%s) AND config IS NOT NULL",
+                    [sorted(workflow_ids)],
+                )
+            return {workflow_id: load_config(config) for workflow_id, config in cursor}
     rows = session.execute(
         select(Workflow.id, Workflow.config).where(
             Workflow.id.in_(workflow_ids), Workflow.config.is_not(None)
