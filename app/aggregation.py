@@ -8,16 +8,16 @@ jobs and crashed workers cannot change the result. The numbers come from `app.an
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from sqlalchemy import text
+from sqlalchemy import text, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from app import answers, parsing, store
+from app import answers, clusters, marks, parsing, store
 from app.errors import InputError
 from app.models import Retirement, Workflow, WorkflowSubject, utcnow
 from app.workflows import WorkflowConfig, load_config
@@ -135,6 +135,8 @@ class SubjectVotes:
     n_views: IntArray
     n_classifications: IntArray
     counts: IntArray  # (S,K) votes per class
+    views: list[tuple[int, int]]  # (subject, volunteer) of every classification that counts
+    kept_classifications: set[int]
 
 
 def gather_votes(
@@ -164,7 +166,9 @@ def gather_votes(
     K = max(len(config.classes), 1)
     p, u, a = (np.asarray(x, dtype=np.int64) for x in (position, volunteer, answer))
     counts = np.bincount(p * K + a, minlength=len(subject_ids) * K).reshape(-1, K)
-    return SubjectVotes(p, u, a, n_views, n_classifications, counts)
+    views = [(row.subject_id, row.volunteer_id) for row in kept]
+    kept_ids = {row.classification_id for row in kept}
+    return SubjectVotes(p, u, a, n_views, n_classifications, counts, views, kept_ids)
 
 
 def gold_from_signals(
@@ -210,12 +214,14 @@ def update_subjects(
 ) -> list[dict[str, Any]]:
     """Recompute the given subjects from all their stored classifications and decide retirement.
 
+    The question task gives a posterior per class; the drawing task gives clusters and a risk.
     A retired subject stays retired; if its most probable answer is no longer the one it retired
     with (a refit moved the skills, or later votes disagree), it is marked `contested` for a
     researcher to review. Subjects retired by the cap are not contested.
     """
     gold_from_signals(session, workflow.id, config, subject_ids)
     votes = gather_votes(session, workflow.id, config, subject_ids)
+    S = len(subject_ids)
     states: list[dict[str, Any]] = [
         {
             "subject_id": s,
@@ -225,8 +231,42 @@ def update_subjects(
         }
         for i, s in enumerate(subject_ids)
     ]
+    gold = store.gold_labels(session, workflow.id, subject_ids)
+    is_gold = np.array([s in gold for s in subject_ids], dtype=bool)
+    settled: list[npt.NDArray[np.bool_]] = []
+    reasons = np.full(S, answers.CONSENSUS, dtype="<U20")
     if config.question is not None:
-        _answer_posteriors(session, workflow, config, subject_ids, votes, states)
+        posterior = _answer_posteriors(session, workflow, config, subject_ids, votes, gold)
+        for i, state in enumerate(states):
+            state.update(
+                posterior=[float(x) for x in posterior[i]],
+                label=config.classes[int(posterior[i].argmax())],
+            )
+        rule = replace(config.retirement_rule(), cap=None, min_views=1)
+        decided = answers.decide_retirement(posterior, votes.n_views, np.zeros(S, bool), rule)
+        settled.append(decided != answers.NOT_RETIRED)
+        reasons = np.where(decided != answers.NOT_RETIRED, decided, reasons)
+    if config.drawing is not None:
+        is_gold |= np.isin(subject_ids, list(store.gold_boxes(session, workflow.id, subject_ids)))
+        drawing = clusters.update_clusters(
+            session, workflow, config, subject_ids, votes.views, votes.kept_classifications
+        )
+        settled.append(drawing.settled)
+        for i, state in enumerate(states):
+            state["marks_risk"] = drawing.risk[i]
+        if config.question is None:
+            reasons = np.where(drawing.empty, answers.NOTHING_HERE, answers.CONSENSUS)
+    combined = (
+        np.logical_and.reduce(settled)
+        if config.retirement.combine == "all"
+        else (np.logical_or.reduce(settled))
+    )
+    final = np.where(combined, reasons, answers.NOT_RETIRED)
+    cap = config.retirement.cap
+    if cap is not None:
+        final = np.where(~combined & (votes.n_views >= cap), answers.CLASSIFICATION_COUNT, final)
+    final = np.where(is_gold | (votes.n_views < config.retirement.min_views), "", final)
+    _record_decisions(session, workflow, subject_ids, states, final, votes.n_views)
     store.save_subject_states(session, workflow.id, states)
     return states
 
@@ -237,8 +277,9 @@ def _answer_posteriors(
     config: WorkflowConfig,
     subject_ids: Sequence[int],
     votes: SubjectVotes,
-    states: list[dict[str, Any]],
-) -> None:
+    gold: dict[int, str],
+) -> npt.NDArray[np.float64]:
+    """Posterior per class (S,K) under the current skills; gold subjects are their gold label."""
     volunteers, local = np.unique(votes.volunteer, return_inverse=True)
     skills = skills_for(
         session, workflow.id, config, current_snapshot(session, workflow), volunteers
@@ -246,12 +287,22 @@ def _answer_posteriors(
     posterior = answers.subject_posteriors(
         votes.position, local, votes.answer, len(subject_ids), skills
     )
-    gold = store.gold_labels(session, workflow.id, subject_ids)
-    is_gold = np.array([s in gold for s in subject_ids], dtype=bool)
     for i, s in enumerate(subject_ids):
         if s in gold and gold[s] in config.classes:
             posterior[i] = np.eye(len(config.classes))[config.classes.index(gold[s])]
-    reasons = answers.decide_retirement(posterior, votes.n_views, is_gold, config.retirement_rule())
+    return posterior
+
+
+def _record_decisions(
+    session: Session,
+    workflow: Workflow,
+    subject_ids: Sequence[int],
+    states: list[dict[str, Any]],
+    reasons: npt.NDArray[np.str_],
+    n_views: IntArray,
+) -> None:
+    """Retire live subjects that are now settled (an event each); flag retired ones whose answer
+    changed as contested."""
     existing = {
         row.subject_id: row
         for row in session.query(WorkflowSubject).filter(
@@ -260,19 +311,18 @@ def _answer_posteriors(
     }
     now = utcnow()
     for i, state in enumerate(states):
-        label = config.classes[int(posterior[i].argmax())]
-        state.update(posterior=[float(x) for x in posterior[i]], label=label)
         row = existing.get(state["subject_id"])
         status = row.status if row is not None else "live"
         reason = str(reasons[i])
+        label = state.get("label")
         if status == "live" and reason:
             session.add(
                 Retirement(
                     workflow_id=workflow.id,
                     subject_id=state["subject_id"],
                     reason=reason,
-                    posterior=state["posterior"],
-                    n_votes=int(votes.n_views[i]),
+                    posterior=state.get("posterior"),
+                    n_votes=int(n_views[i]),
                     source="online",
                     created_at=now,
                 )
@@ -318,6 +368,7 @@ class RefitReport:
     n_volunteers: int
     n_iter: int
     converged: bool
+    mark_snapshot_id: int | None = None
 
 
 def votes_that_count(table: store.VoteTable, repeats: str) -> npt.NDArray[np.bool_]:
@@ -405,9 +456,13 @@ def write_refit_results(
 
 
 def refit(sessions: sessionmaker[Session], workflow_id: int) -> RefitReport:
-    """Re-estimate every volunteer and the class prior by EM over all stored votes, store a new
-    snapshot, and write every subject's posterior and retirement under it in bulk; subjects
-    whose votes arrived during the refit are left pending for the next apply."""
+    """Re-learn every volunteer from everything stored, as one transaction per workflow.
+
+    The question task: EM over all votes, a new skill snapshot, and every subject's posterior and
+    retirement written under it in bulk (subjects whose votes arrived during the refit stay
+    pending for the next apply). The drawing task: mark skills learned from gold boxes and by EM,
+    a new mark snapshot, and every subject queued to be clustered again with it.
+    """
     with sessions.begin() as session:
         if store.is_postgres(session):
             # One refit per workflow at a time, across every worker.
@@ -416,44 +471,60 @@ def refit(sessions: sessionmaker[Session], workflow_id: int) -> RefitReport:
         if workflow is None or workflow.config is None:
             raise LookupError(f"workflow {workflow_id} is not configured")
         config = load_config(workflow.config)
-        if config.question is None:
-            raise LookupError(f"workflow {workflow_id} has no question task to refit")
-        table = workflow_votes(session, workflow_id, config)
-        keep = votes_that_count(table, config.repeats)
-        classes = table.answer
-        subjects, s = np.unique(table.subject_id[keep], return_inverse=True)
-        volunteers, u = np.unique(table.volunteer_id[keep], return_inverse=True)
-        gold = store.gold_labels(session, workflow_id)
-        gold_pos = np.searchsorted(subjects, np.array(sorted(gold), dtype=np.int64))
-        gold_items = [
-            (pos, config.classes.index(gold[sid]))
-            for pos, sid in zip(gold_pos, sorted(gold), strict=True)
-            if pos < subjects.size and subjects[pos] == sid and gold[sid] in config.classes
-        ]
-        result = answers.fit(
-            s,
-            u,
-            classes[keep],
-            n_subjects=subjects.size,
-            n_volunteers=volunteers.size,
-            n_classes=len(config.classes),
-            gold_subject=np.array([g[0] for g in gold_items], dtype=np.int64),
-            gold_label=np.array([g[1] for g in gold_items], dtype=np.int64),
-            prior_strength=config.priors.confusion_strength,
-            class_prior=class_prior(config),
-        )
-        snapshot_id = store.save_snapshot(
-            session,
-            workflow_id,
-            volunteers.astype(np.int64),
-            result.skills.counts,
-            result.skills.alpha,
-            result.skills.class_prior,
-            n_votes=int(keep.sum()),
-            last_view_id=table.last_view_id,
-            n_iter=result.n_iter,
-            converged=result.converged,
-        )
+        report = RefitReport(0, 0, 0, 0, 0, True)
+        if config.question is not None:
+            report = _refit_answers(session, workflow_id, config, bulk=config.drawing is None)
+        if config.drawing is not None:
+            mark_snapshot = _refit_marks(session, workflow, config)
+            session.execute(
+                update(WorkflowSubject)
+                .where(WorkflowSubject.workflow_id == workflow_id)
+                .values(pending=True)
+            )
+            report = replace(report, mark_snapshot_id=mark_snapshot)
+    return report
+
+
+def _refit_answers(
+    session: Session, workflow_id: int, config: WorkflowConfig, *, bulk: bool
+) -> RefitReport:
+    table = workflow_votes(session, workflow_id, config)
+    keep = votes_that_count(table, config.repeats)
+    classes = table.answer
+    subjects, s = np.unique(table.subject_id[keep], return_inverse=True)
+    volunteers, u = np.unique(table.volunteer_id[keep], return_inverse=True)
+    gold = store.gold_labels(session, workflow_id)
+    gold_pos = np.searchsorted(subjects, np.array(sorted(gold), dtype=np.int64))
+    gold_items = [
+        (pos, config.classes.index(gold[sid]))
+        for pos, sid in zip(gold_pos, sorted(gold), strict=True)
+        if pos < subjects.size and subjects[pos] == sid and gold[sid] in config.classes
+    ]
+    result = answers.fit(
+        s,
+        u,
+        classes[keep],
+        n_subjects=subjects.size,
+        n_volunteers=volunteers.size,
+        n_classes=len(config.classes),
+        gold_subject=np.array([g[0] for g in gold_items], dtype=np.int64),
+        gold_label=np.array([g[1] for g in gold_items], dtype=np.int64),
+        prior_strength=config.priors.confusion_strength,
+        class_prior=class_prior(config),
+    )
+    snapshot_id = store.save_snapshot(
+        session,
+        workflow_id,
+        volunteers.astype(np.int64),
+        result.skills.counts,
+        result.skills.alpha,
+        result.skills.class_prior,
+        n_votes=int(keep.sum()),
+        last_view_id=table.last_view_id,
+        n_iter=result.n_iter,
+        converged=result.converged,
+    )
+    if bulk:
         write_refit_results(session, workflow_id, config, subjects, s, result.posterior, gold_items)
         store.mark_pending_after(session, workflow_id, table.last_view_id)
     return RefitReport(
@@ -464,6 +535,58 @@ def refit(sessions: sessionmaker[Session], workflow_id: int) -> RefitReport:
         result.n_iter,
         result.converged,
     )
+
+
+def _refit_marks(session: Session, workflow: Workflow, config: WorkflowConfig) -> int:
+    """Mark skills from gold boxes and EM over every stored mark; returns the mark snapshot."""
+    assert config.drawing is not None
+    views = store.workflow_views(session, workflow.id)
+    kept: dict[tuple[int, int], int] = {}
+    for classification_id, subject, volunteer, _ in views:  # ordered by created_at
+        if config.repeats == "keep_last" or (subject, volunteer) not in kept:
+            kept[(subject, volunteer)] = classification_id
+    rows = store.workflow_marks(session, workflow.id, config.drawing.task)
+    data = clusters.mark_input(config, rows, list(kept), set(kept.values()))
+    everyone, local = np.unique(
+        np.concatenate([data.mark_volunteer, data.view_volunteer]), return_inverse=True
+    )
+    n_marks = data.mark_volunteer.size
+    gold = store.gold_boxes(session, workflow.id)
+    group_of: dict[int, list[int]] = {}
+    for g, (subject, _, _) in enumerate(data.groups):
+        group_of.setdefault(subject, []).append(g)
+    gold_box, gold_group = [], []
+    for subject, boxes in gold.items():
+        for box in boxes:
+            for g in group_of.get(subject, []):
+                gold_box.append([float(x) for x in box[:4]])
+                gold_group.append(g)
+    skills = marks.learn_skills(
+        data.box,
+        data.mark_group,
+        local[:n_marks],
+        data.view_group,
+        local[n_marks:],
+        n_volunteers=everyone.size,
+        gold_boxes=np.array(gold_box, dtype=np.float64).reshape(-1, 4),
+        gold_subject=np.array(gold_group, dtype=np.int64),
+        gold_subjects=np.array([g for s in gold for g in group_of.get(s, [])], dtype=np.int64),
+    )
+    arrays = np.stack(
+        [
+            getattr(skills, name) if getattr(skills, name) is not None else np.zeros(everyone.size)
+            for name in store.MARK_ARRAYS
+        ]
+    )
+    population = {
+        "p_fn": skills.pop_p_fn,
+        "f": skills.pop_f,
+        "p_fp": skills.pop_p_fp,
+        "sigma": skills.pop_sigma,
+        "obj_prior": skills.obj_prior,
+        "object_rate": skills.object_rate,
+    }
+    return store.save_mark_snapshot(session, workflow.id, everyone, arrays, population)
 
 
 def preview_retirement(

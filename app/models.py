@@ -51,6 +51,7 @@ class Workflow(Base):
     config: Mapped[dict[str, Any] | None] = mapped_column(JSONValue)
     config_hash: Mapped[str | None] = mapped_column(String(64))
     skill_snapshot_id: Mapped[int | None] = mapped_column(Integer)
+    mark_snapshot_id: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
@@ -165,6 +166,7 @@ class WorkflowSubject(Base):
     label: Mapped[str | None] = mapped_column(String(200))
     reason: Mapped[str | None] = mapped_column(String(32))
     retired_label: Mapped[str | None] = mapped_column(String(200))
+    marks_risk: Mapped[dict[str, Any] | None] = mapped_column(JSONValue)
     retired_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     __table_args__ = (Index("ix_workflow_subjects_pending", "workflow_id", "pending"),)
@@ -249,4 +251,46 @@ class SkillSnapshot(Base):
     last_view_id: Mapped[int] = mapped_column(BigInteger, default=0)
     n_iter: Mapped[int] = mapped_column(Integer)
     converged: Mapped[bool] = mapped_column(Boolean)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Cluster(Base):
+    """Marks of different volunteers taken to be one object, with P(real) and a consensus box.
+
+    Recomputed, with all its subject's clusters, whenever the subject is applied; `members` are
+    the ids of its marks (at most one per volunteer).
+    """
+
+    __tablename__ = "clusters"
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    workflow_id: Mapped[int] = mapped_column(BigInteger)
+    subject_id: Mapped[int] = mapped_column(BigInteger)
+    tool: Mapped[int] = mapped_column(Integer)
+    frame: Mapped[int] = mapped_column(Integer)
+    x1: Mapped[float] = mapped_column(Float)
+    y1: Mapped[float] = mapped_column(Float)
+    x2: Mapped[float] = mapped_column(Float)
+    y2: Mapped[float] = mapped_column(Float)
+    p_real: Mapped[float] = mapped_column(Float)
+    p_off: Mapped[float] = mapped_column(Float)
+    n_marks: Mapped[int] = mapped_column(Integer)
+    n_views: Mapped[int] = mapped_column(Integer)
+    kept: Mapped[bool] = mapped_column(Boolean)
+    members: Mapped[list[Any]] = mapped_column(JSONValue)
+    __table_args__ = (Index("ix_clusters_workflow_subject", "workflow_id", "subject_id"),)
+
+
+class MarkSnapshot(Base):
+    """Every volunteer's mark skill at one refit (`app.marks.MarkSkills` as arrays).
+
+    `arrays` holds float64 bytes of shape (8, U): p_fn, f, p_fp, sigma and their effective counts,
+    for the volunteers in `volunteer_ids`; `population` the values for everyone else.
+    """
+
+    __tablename__ = "mark_snapshots"
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    workflow_id: Mapped[int] = mapped_column(ForeignKey("workflows.id"), index=True)
+    volunteer_ids: Mapped[bytes] = mapped_column(LargeBinary)
+    arrays: Mapped[bytes] = mapped_column(LargeBinary)
+    population: Mapped[dict[str, Any]] = mapped_column(JSONValue)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -24,8 +24,10 @@ from sqlalchemy.orm import Session
 from app.models import (
     Answer,
     Classification,
+    Cluster,
     Gold,
     Mark,
+    MarkSnapshot,
     Retirement,
     SkillSnapshot,
     Subject,
@@ -153,7 +155,7 @@ def _result(
 
 # --- PostgreSQL: the whole batch in one round trip ----------------------------------------------
 #
-# The rows travel as one JSON document per statement (json_to_recordset), and the statements go
+# The rows travel as one JSON document per statement (jsonb_to_recordset), and the statements go
 # in one psycopg pipeline: workflows, volunteers, subjects (fill-ins, then new ones), then one
 # statement whose data-modifying CTEs insert the classifications (ON CONFLICT DO NOTHING) and,
 # for those actually inserted, their views, answers, marks and pending flags. Each statement
@@ -234,7 +236,7 @@ def _postgres_plan() -> _PostgresPlan | None:
             "ip_hash": "v.ip_hash",
             "created_at": "%(now)s",
         },
-        "INSERT INTO {table} ({columns}) SELECT {values} FROM json_to_recordset(%(doc)s::json)"
+        "INSERT INTO {table} ({columns}) SELECT {values} FROM jsonb_to_recordset(%(doc)s::jsonb)"
         " AS v(key text, kind text, platform_user_id bigint, login text, ip_hash text)"
         ' ORDER BY v.key COLLATE "C" ON CONFLICT (key) DO NOTHING',
     )
@@ -249,7 +251,7 @@ def _postgres_plan() -> _PostgresPlan | None:
             "platform_retired": "COALESCE(s.retired, false)",
             "updated_at": "%(now)s",
         },
-        "INSERT INTO {table} ({columns}) SELECT {values} FROM json_to_recordset(%(doc)s::json)"
+        "INSERT INTO {table} ({columns}) SELECT {values} FROM jsonb_to_recordset(%(doc)s::jsonb)"
         " AS s(id bigint, metadata jsonb, locations jsonb, width float8, height float8,"
         " retired boolean) ORDER BY s.id ON CONFLICT (id) DO NOTHING",
     )
@@ -275,7 +277,7 @@ def _postgres_plan() -> _PostgresPlan | None:
             "label": "a.label",
         },
         "INSERT INTO {table} ({columns}) SELECT {values} FROM fresh AS f,"
-        " ROWS FROM (json_to_recordset(f.answers) AS (task text, value int, label text))"
+        " ROWS FROM (jsonb_to_recordset(f.answers) AS (task text, value int, label text))"
         " WITH ORDINALITY AS a(task, value, label, n) ORDER BY f.id, a.n",
     )
     mark = _insert_plan(
@@ -295,7 +297,7 @@ def _postgres_plan() -> _PostgresPlan | None:
             "details": "COALESCE(m.details, 'null')",
         },
         "INSERT INTO {table} ({columns}) SELECT {values} FROM fresh AS f,"
-        " ROWS FROM (json_to_recordset(f.marks) AS (task text, tool int, frame int, kind text,"
+        " ROWS FROM (jsonb_to_recordset(f.marks) AS (task text, tool int, frame int, kind text,"
         " x1 float8, y1 float8, x2 float8, y2 float8, details jsonb))"
         " WITH ORDINALITY AS m(task, tool, frame, kind, x1, y1, x2, y2, details, n)"
         " ORDER BY f.id, m.n",
@@ -339,11 +341,11 @@ def _postgres_plan() -> _PostgresPlan | None:
     assert classification
     classifications = _InsertPlan(
         f"""WITH input AS (
-  SELECT * FROM json_to_recordset(%(doc)s::json) AS t(
+  SELECT * FROM jsonb_to_recordset(%(doc)s::jsonb) AS t(
     id bigint, workflow_id bigint, volunteer_key text, workflow_version text,
     version_major int, version_minor int, created_at timestamptz, source text,
     gold_standard boolean, expert text, subject_ids jsonb, raw jsonb, subject_id bigint,
-    answers json, marks json)
+    answers jsonb, marks jsonb)
 ), staged AS (
   SELECT input.*, v.id AS volunteer_id
   FROM input LEFT JOIN volunteers AS v ON v.key = input.volunteer_key
@@ -377,7 +379,7 @@ SELECT id FROM inserted""",
   platform_retired = CASE WHEN i.retired AND NOT COALESCE(s.platform_retired, false)
     THEN true ELSE s.platform_retired END,
   updated_at = %(now)s
-FROM json_to_recordset(%(doc)s::json) AS i(id bigint, metadata jsonb, locations jsonb,
+FROM jsonb_to_recordset(%(doc)s::jsonb) AS i(id bigint, metadata jsonb, locations jsonb,
   width float8, height float8, retired boolean)
 WHERE s.id = i.id AND (
   (i.metadata IS NOT NULL AND {_falsy("s.metadata")})
@@ -1239,3 +1241,180 @@ def commit_without_waiting_for_disk(session: Session) -> None:
     and are applied again. Votes themselves are always committed synchronously."""
     if is_postgres(session):
         session.execute(text("SET LOCAL synchronous_commit TO OFF"))
+
+
+# --- marks ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MarkRow:
+    id: int
+    classification_id: int
+    subject_id: int
+    volunteer_id: int
+    tool: int
+    frame: int
+    kind: str
+    box: tuple[float, float, float, float]
+
+
+def subject_marks(
+    session: Session, workflow_id: int, subject_ids: Sequence[int], task: str
+) -> list[MarkRow]:
+    """The marks of a drawing task on these subjects, with who drew them."""
+    query = (
+        select(
+            Mark.id,
+            Mark.classification_id,
+            Mark.subject_id,
+            View.volunteer_id,
+            Mark.tool,
+            Mark.frame,
+            Mark.kind,
+            Mark.x1,
+            Mark.y1,
+            Mark.x2,
+            Mark.y2,
+        )
+        .join(View, View.classification_id == Mark.classification_id)
+        .where(Mark.workflow_id == workflow_id, Mark.subject_id.in_(subject_ids), Mark.task == task)
+        .order_by(Mark.id)
+    )
+    return [
+        MarkRow(i, c, s, v, t, f, k, (x1, y1, x2, y2))
+        for i, c, s, v, t, f, k, x1, y1, x2, y2 in session.execute(query).all()
+    ]
+
+
+def replace_clusters(
+    session: Session, workflow_id: int, subject_ids: Sequence[int], rows: Sequence[dict[str, Any]]
+) -> None:
+    """The subjects' clusters, replaced as a whole."""
+    session.execute(
+        Cluster.__table__.delete().where(
+            Cluster.workflow_id == workflow_id, Cluster.subject_id.in_(subject_ids)
+        )
+    )
+    if rows:
+        session.execute(_insert(session, Cluster), list(rows))
+
+
+def clusters_of(session: Session, workflow_id: int, subject_id: int) -> list[Cluster]:
+    query = (
+        select(Cluster)
+        .where(Cluster.workflow_id == workflow_id, Cluster.subject_id == subject_id)
+        .order_by(Cluster.tool, Cluster.frame, Cluster.p_real.desc())
+    )
+    return list(session.scalars(query))
+
+
+def gold_boxes(
+    session: Session, workflow_id: int, subject_ids: Sequence[int] | None = None
+) -> dict[int, list[Any]]:
+    """Gold boxes per subject whose boxes are known (an empty list: known to have none)."""
+    query = select(Gold.subject_id, Gold.boxes).where(
+        Gold.workflow_id == workflow_id, Gold.boxes.is_not(None)
+    )
+    if subject_ids is not None:
+        query = query.where(Gold.subject_id.in_(subject_ids))
+    return {s: list(b) for s, b in session.execute(query).all() if b is not None}
+
+
+def upsert_gold_boxes(
+    session: Session, workflow_id: int, boxes: dict[int, list[Any]], source: str
+) -> None:
+    now = utcnow()
+    rows = [
+        {
+            "workflow_id": workflow_id,
+            "subject_id": s,
+            "boxes": b,
+            "source": source,
+            "updated_at": now,
+        }
+        for s, b in sorted(boxes.items())
+    ]
+    if not rows:
+        return
+    statement = _insert(session, Gold)
+    statement = statement.on_conflict_do_update(
+        index_elements=["workflow_id", "subject_id"],
+        set_={"boxes": statement.excluded.boxes, "updated_at": statement.excluded.updated_at},
+    )
+    session.execute(statement, rows)
+
+
+MARK_ARRAYS = ("p_fn", "f", "p_fp", "sigma", "p_fn_n", "f_n", "p_fp_n", "sigma_n")
+
+
+def save_mark_snapshot(
+    session: Session,
+    workflow_id: int,
+    volunteer_ids: npt.NDArray[np.int64],
+    arrays: npt.NDArray[np.float64],
+    population: dict[str, Any],
+) -> int:
+    """Store mark skills ((8, U) arrays in MARK_ARRAYS order) as the workflow's current ones."""
+    order = np.argsort(volunteer_ids)
+    row = MarkSnapshot(
+        workflow_id=workflow_id,
+        volunteer_ids=np.ascontiguousarray(volunteer_ids[order], dtype=np.int64).tobytes(),
+        arrays=np.ascontiguousarray(arrays[:, order], dtype=np.float64).tobytes(),
+        population=population,
+        created_at=utcnow(),
+    )
+    session.add(row)
+    session.flush()
+    session.execute(
+        update(Workflow).where(Workflow.id == workflow_id).values(mark_snapshot_id=row.id)
+    )
+    return row.id
+
+
+def load_mark_snapshot(
+    session: Session, snapshot_id: int
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64], dict[str, Any]]:
+    """(volunteer ids sorted, (8, U) arrays, population values) of a mark snapshot."""
+    row = session.get(MarkSnapshot, snapshot_id)
+    if row is None:
+        raise LookupError(f"mark snapshot {snapshot_id} does not exist")
+    ids = np.frombuffer(row.volunteer_ids, dtype=np.int64)
+    arrays = np.frombuffer(row.arrays, dtype=np.float64).reshape(len(MARK_ARRAYS), ids.size)
+    return ids, arrays, dict(row.population)
+
+
+def workflow_views(session: Session, workflow_id: int) -> list[tuple[int, int, int, datetime]]:
+    """Every view of a workflow: (classification, subject, volunteer, created_at), for refits."""
+    query = (
+        select(View.classification_id, View.subject_id, View.volunteer_id, View.created_at)
+        .join(Volunteer, Volunteer.id == View.volunteer_id)
+        .where(View.workflow_id == workflow_id, Volunteer.excluded.is_(False))
+        .order_by(View.subject_id, View.created_at, View.classification_id)
+    )
+    return [(c, s, v, t) for c, s, v, t in session.execute(query).all()]
+
+
+def workflow_marks(session: Session, workflow_id: int, task: str) -> list[MarkRow]:
+    """Every mark of a workflow's drawing task, for refits."""
+    query = (
+        select(
+            Mark.id,
+            Mark.classification_id,
+            Mark.subject_id,
+            View.volunteer_id,
+            Mark.tool,
+            Mark.frame,
+            Mark.kind,
+            Mark.x1,
+            Mark.y1,
+            Mark.x2,
+            Mark.y2,
+        )
+        .join(View, View.classification_id == Mark.classification_id)
+        .where(Mark.workflow_id == workflow_id, Mark.task == task)
+        .order_by(Mark.id)
+    )
+    return [
+        MarkRow(i, c, s, v, t, f, k, (x1, y1, x2, y2))
+        for i, c, s, v, t, f, k, x1, y1, x2, y2 in session.execute(query).all()
+    ]

@@ -76,6 +76,9 @@ class Priors(_Strict):
 class Retirement(_Strict):
     """When a subject is settled; classes are named by their names in `classes`.
 
+    Drawing tasks settle when the subject's risk (E[false kept] + E[missed] + E[badly placed])
+    is at most `mark_risk_bound` and no cluster's P(real) lies inside `cluster_bounds`. With a
+    question and a drawing task, `combine` says whether all tasks or any must be settled.
     kind "risk": retire when 1 - max_k P <= risk_bound (Branson et al. 2017); "threshold": when
     P[class] >= thresholds[class] for a named class; "swap": SWAP's accept/reject pair on
     P[positive_class] (Marshall et al. 2016); "none": only the cap retires. Nothing retires below
@@ -92,6 +95,9 @@ class Retirement(_Strict):
     empty_classes: list[str] = Field(default_factory=list)
     min_views: int = Field(default=3, ge=1)
     cap: int | None = Field(default=None, ge=1)
+    mark_risk_bound: float = Field(default=0.5, gt=0)
+    cluster_bounds: tuple[float, float] = (0.1, 0.9)
+    combine: Literal["all", "any"] = "all"
 
 
 class WorkflowConfig(_Strict):
