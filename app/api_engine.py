@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import io
+import json
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -12,7 +14,7 @@ from fastapi import Depends, FastAPI
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from app import aggregation, answers, store
+from app import aggregation, answers, clusters, marks, store
 from app.auth import Authenticator
 from app.bodies import JsonBody, RawBody
 from app.errors import InputError, NotFound
@@ -27,20 +29,21 @@ def configured(session: Session, workflow_id: int) -> tuple[Workflow, WorkflowCo
     return workflow, load_config(workflow.config)
 
 
-def parse_gold(content_type: str, body: bytes, config: WorkflowConfig) -> dict[int, str]:
-    """Gold labels from JSON {"subjects": [{"subject_id", "label"}]} or CSV `subject,label`."""
-    rows: list[tuple[str, Any, Any]] = []
+def parse_gold(
+    content_type: str, body: bytes, config: WorkflowConfig
+) -> tuple[dict[int, str], dict[int, list[list[float]]]]:
+    """Gold from JSON {"subjects": [{"subject_id", "label"?, "boxes"?: [[x1,y1,x2,y2], ...]}]}
+    (an empty `boxes` list: known to hold no object) or CSV `subject,label`."""
+    rows: list[tuple[str, Any, Any, Any]] = []
     if "csv" in content_type:
         reader = csv.DictReader(io.StringIO(body.decode("utf-8", errors="replace")))
         if not reader.fieldnames or not {"subject", "label"} <= set(reader.fieldnames):
             raise InputError("a gold CSV needs the columns subject,label", field="subject")
-        rows = [(f"line {n}", r["subject"], r["label"]) for n, r in enumerate(reader, start=2)]
+        rows = [(f"line {n}", r["subject"], r["label"], None) for n, r in enumerate(reader, 2)]
     else:
-        import json
-
         try:
             data = json.loads(body)
-        except ValueError as error:
+        except (ValueError, RecursionError) as error:
             raise InputError(f"body is not valid JSON: {error}", field="body") from None
         items = data.get("subjects") if isinstance(data, dict) else None
         if not isinstance(items, list):
@@ -48,19 +51,75 @@ def parse_gold(content_type: str, body: bytes, config: WorkflowConfig) -> dict[i
         for n, item in enumerate(items):
             if not isinstance(item, dict):
                 raise InputError("each gold entry is an object", field=f"subjects[{n}]")
-            rows.append((f"subjects[{n}]", item.get("subject_id"), item.get("label")))
+            rows.append(
+                (
+                    f"subjects[{n}]",
+                    item.get("subject_id"),
+                    item.get("label"),
+                    item.get("boxes", ...),
+                )
+            )
     labels: dict[int, str] = {}
-    for where, subject, label in rows:
+    boxes: dict[int, list[list[float]]] = {}
+    for where, subject, label, subject_boxes in rows:
         if isinstance(subject, bool) or not (
             isinstance(subject, int) or (isinstance(subject, str) and subject.strip().isdigit())
         ):
             raise InputError(f"{where}: subject id must be an integer", field=f"{where}.subject_id")
-        if label not in config.classes:
+        if label is not None:
+            if label not in config.classes:
+                raise InputError(
+                    f"{where}: label {label!r} is not one of {config.classes}",
+                    field=f"{where}.label",
+                )
+            labels[int(subject)] = str(label)
+        if subject_boxes is not ... and subject_boxes is not None:
+            boxes[int(subject)] = _gold_boxes(subject_boxes, f"{where}.boxes")
+        if label is None and subject_boxes in (..., None):
+            raise InputError(f"{where}: give a label or boxes", field=f"{where}.label")
+    return labels, boxes
+
+
+def _gold_boxes(value: Any, where: str) -> list[list[float]]:
+    if not isinstance(value, list):
+        raise InputError(f"{where} must be a list of [x1, y1, x2, y2]", field=where)
+    result = []
+    for i, box in enumerate(value):
+        ok = (
+            isinstance(box, list)
+            and len(box) == 4
+            and all(isinstance(x, int | float) and not isinstance(x, bool) for x in box)
+            and all(math.isfinite(x) for x in box)
+        )
+        if not ok or not (box[2] > box[0] and box[3] > box[1]):
             raise InputError(
-                f"{where}: label {label!r} is not one of {config.classes}", field=f"{where}.label"
+                f"{where}[{i}] must be [x1, y1, x2, y2] with x2 > x1, y2 > y1",
+                field=f"{where}[{i}]",
             )
-        labels[int(subject)] = str(label)
-    return labels
+        result.append([float(x) for x in box])
+    return result
+
+
+def _mark_skill(
+    session: Session, workflow: Workflow, config: WorkflowConfig, volunteer_id: int
+) -> dict[str, Any] | None:
+    """p_fn, f, p_fp and sigma of one volunteer with 90% intervals (None without a drawing task)."""
+    if config.drawing is None:
+        return None
+    skills, local = clusters.skills_for(session, workflow, np.array([volunteer_id]))
+    known = bool(local[0] < skills.n_volunteers)
+    result: dict[str, Any] = {"learned": known}
+    intervals = marks.skill_intervals(skills) if known else {}
+    for name in ("p_fn", "f", "p_fp", "sigma"):
+        value = (
+            float(getattr(skills, name)[local[0]])
+            if known
+            else float(getattr(skills, f"pop_{name}"))
+        )
+        result[name] = value
+        if known:
+            result[f"{name}_90"] = [float(x) for x in intervals[name][local[0]]]
+    return result
 
 
 def add_engine_routes(
@@ -105,6 +164,22 @@ def add_engine_routes(
                 "reason": state.reason,
                 "retired_at": state.retired_at.isoformat() if state.retired_at else None,
                 "gold": gold,
+                "marks_risk": state.marks_risk,
+                "clusters": [
+                    {
+                        "tool": c.tool if c.tool >= 0 else None,
+                        "frame": c.frame if c.frame >= 0 else None,
+                        "box": [c.x1, c.y1, c.x2, c.y2],
+                        "p_real": c.p_real,
+                        "p_off": c.p_off,
+                        "kept": c.kept,
+                        "n_marks": c.n_marks,
+                        "n_views": c.n_views,
+                        "members": c.members,
+                    }
+                    for c in store.clusters_of(session, workflow_id, subject_id)
+                    if c.n_marks > 0
+                ],
                 "history": (
                     aggregation.subject_history(
                         session, workflow, load_config(workflow.config), subject_id
@@ -163,10 +238,11 @@ def add_engine_routes(
         content_type, raw = body
         with sessions.begin() as session:
             _, config = configured(session, workflow_id)
-            labels = parse_gold(content_type, raw, config)
+            labels, boxes = parse_gold(content_type, raw, config)
             changed = store.upsert_gold(session, workflow_id, labels, source="upload")
-        refit = run_refit(workflow_id) if changed else None
-        return {"stored": len(labels), "changed": len(changed), "refit": refit}
+            store.upsert_gold_boxes(session, workflow_id, boxes, source="upload")
+        refit = run_refit(workflow_id) if changed or boxes else None
+        return {"stored": len(labels), "boxes": len(boxes), "changed": len(changed), "refit": refit}
 
     @app.post(
         "/v1/workflows/{workflow_id}/retirement-preview",
@@ -245,4 +321,5 @@ def add_engine_routes(
                 "votes": int(n_votes or 0),
                 "gold_votes": int(n_gold or 0),
                 "information_per_vote_bits": float(answers.information_per_vote(skills)[0]),
+                "marks": _mark_skill(session, workflow, config, found.id),
             }

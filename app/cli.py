@@ -318,7 +318,7 @@ def gold_import(
     sessions = make_sessionmaker(make_engine(settings))
     with sessions.begin() as session:
         _, config = configured(session, workflow_id)
-        labels = parse_gold("text/csv", path.read_bytes(), config)
+        labels, _ = parse_gold("text/csv", path.read_bytes(), config)
         changed = store.upsert_gold(session, workflow_id, labels, source="upload")
     if changed:
         aggregation.refit(sessions, workflow_id)
