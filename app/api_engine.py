@@ -100,6 +100,25 @@ def _gold_boxes(value: Any, where: str) -> list[list[float]]:
     return result
 
 
+def _answer_skill(
+    session: Session, workflow: Workflow, config: WorkflowConfig, volunteer_id: int
+) -> dict[str, Any]:
+    """Confusion matrix with 90% intervals and information per vote (None without a question)."""
+    if config.question is None:
+        names = ("confusion", "confusion_lower_90", "confusion_upper_90")
+        return {**dict.fromkeys(names), "information_per_vote_bits": None}
+    ids = np.array([volunteer_id], dtype=np.int64)
+    snapshot = aggregation.current_snapshot(session, workflow)
+    skills = aggregation.skills_for(session, workflow.id, config, snapshot, ids)
+    lower, upper = answers.credible_intervals(skills, 0.9)
+    return {
+        "confusion": answers.confusion(skills)[0].tolist(),
+        "confusion_lower_90": lower[0].tolist(),
+        "confusion_upper_90": upper[0].tolist(),
+        "information_per_vote_bits": float(answers.information_per_vote(skills)[0]),
+    }
+
+
 def _mark_skill(
     session: Session, workflow: Workflow, config: WorkflowConfig, volunteer_id: int
 ) -> dict[str, Any] | None:
@@ -287,12 +306,7 @@ def add_engine_routes(
             )
             if found is None:
                 raise NotFound(f"volunteer {volunteer} is not known", field="volunteer")
-            ids = np.array([found.id], dtype=np.int64)
-            skills = aggregation.skills_for(
-                session, workflow_id, config, aggregation.current_snapshot(session, workflow), ids
-            )
-            theta = answers.confusion(skills)[0]
-            lower, upper = answers.credible_intervals(skills, 0.9)
+            answer_skill = _answer_skill(session, workflow, config, found.id)
             n_votes = session.scalar(
                 select(func.count())
                 .select_from(View)
@@ -315,11 +329,8 @@ def add_engine_routes(
                 "kind": found.kind,
                 "excluded": found.excluded,
                 "classes": config.classes,
-                "confusion": theta.tolist(),
-                "confusion_lower_90": lower[0].tolist(),
-                "confusion_upper_90": upper[0].tolist(),
+                **answer_skill,
                 "votes": int(n_votes or 0),
                 "gold_votes": int(n_gold or 0),
-                "information_per_vote_bits": float(answers.information_per_vote(skills)[0]),
                 "marks": _mark_skill(session, workflow, config, found.id),
             }
