@@ -234,7 +234,7 @@ def update_subjects(
     gold = store.gold_labels(session, workflow.id, subject_ids)
     is_gold = np.array([s in gold for s in subject_ids], dtype=bool)
     settled: list[npt.NDArray[np.bool_]] = []
-    reasons = np.full(S, answers.CONSENSUS, dtype="<U20")
+    reasons: npt.NDArray[np.str_] = np.full(S, answers.CONSENSUS, dtype="<U20")
     if config.question is not None:
         posterior = _answer_posteriors(session, workflow, config, subject_ids, votes, gold)
         for i, state in enumerate(states):

@@ -71,10 +71,11 @@ def mark_input(
     by_subject: dict[int, list[int]] = {}
     for i, g in enumerate(groups):
         by_subject.setdefault(g[0], []).append(i)
-    view_group, view_volunteer = [], []
+    view_group: list[int] = []
+    view_volunteer: list[int] = []
     for s, u in view_pairs:
-        for g in by_subject.get(s, []):
-            view_group.append(g)
+        for group in by_subject.get(s, []):
+            view_group.append(group)
             view_volunteer.append(u)
     return MarkInput(
         groups,
@@ -96,8 +97,8 @@ def skills_for(
     if workflow.mark_snapshot_id is None:
         return marks.MarkSkills.population(0), inverse + 0
     ids, arrays, population = store.load_mark_snapshot(session, workflow.mark_snapshot_id)
-    found = np.zeros(unique.size, dtype=bool)
-    position = np.zeros(unique.size, dtype=np.int64)
+    found: npt.NDArray[np.bool_] = np.zeros(unique.size, dtype=bool)
+    position: IntArray = np.zeros(unique.size, dtype=np.int64)
     if ids.size:
         position = np.clip(np.searchsorted(ids, unique), 0, ids.size - 1)
         found = ids[position] == unique

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from sqlalchemy import JSON, BigInteger, case, cast, func, literal, select, text, update
+from sqlalchemy import JSON, BigInteger, case, cast, delete, func, literal, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -1291,7 +1291,7 @@ def replace_clusters(
 ) -> None:
     """The subjects' clusters, replaced as a whole."""
     session.execute(
-        Cluster.__table__.delete().where(
+        delete(Cluster).where(
             Cluster.workflow_id == workflow_id, Cluster.subject_id.in_(subject_ids)
         )
     )
