@@ -15,21 +15,48 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from pydantic import BaseModel
 from sqlalchemy import func, select, text, update
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
+from starlette.exceptions import HTTPException
+from starlette.routing import Match
 
 from app import ingest, parsing, store
 from app.api_engine import add_engine_routes
 from app.auth import Authenticator
 from app.bodies import JsonBody
 from app.errors import GzxError, InputError, NotFound, http_status
+from app.logs import install_redaction
 from app.models import Classification, Workflow, WorkflowSubject, utcnow
 from app.pipeline import AGGREGATE_QUEUE, Dispatcher
 from app.settings import Settings
 from app.workflows import load_config
 
 log = logging.getLogger("gzx.api")
+
+
+class ErrorBody(BaseModel):
+    """What every 4xx and 503 answer carries (`app.errors.GzxError.to_dict`)."""
+
+    error: str
+    message: str
+    field: str | None = None
+
+
+# Declared on every route, so the OpenAPI schema describes the error bodies gzx really sends
+# (FastAPI would otherwise declare its own 422 shape, which gzx never answers with).
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorBody, "description": description}
+    for status, description in (
+        (401, "No credential, or a wrong one"),
+        (403, "The credential lacks the route's scope"),
+        (404, "No such workflow, subject or volunteer"),
+        (413, "The body, batch or number of marks is over a configured limit"),
+        (422, "Malformed input; `field` names the offending value"),
+        (503, "The database is unavailable; retry after Retry-After seconds"),
+    )
+}
 
 
 @dataclass
@@ -41,6 +68,17 @@ class Metrics:
     skipped: Counter
     queue_depth: Gauge
     pending: Gauge
+
+
+INT64_MAX = 2**63 - 1
+
+
+def ids_in_range(request: Request) -> None:
+    """Refuse a path id the database cannot hold (422 naming it), not a 500 from the driver."""
+    for name, value in request.path_params.items():
+        digits = value.lstrip("+-") if isinstance(value, str) else ""
+        if digits.isdigit() and (len(digits) > 19 or int(digits) > INT64_MAX):
+            raise InputError(f"{name} {value[:30]} is out of range", field=name)
 
 
 def make_metrics() -> Metrics:
@@ -71,7 +109,10 @@ def create_app(
         title="gzx",
         version="0.1.0",
         description="Bayesian crowd aggregation for Zooniverse-style citizen science.",
+        responses=ERROR_RESPONSES,
+        dependencies=[Depends(ids_in_range)],
     )
+    install_redaction()
     auth = Authenticator(settings)
     metrics = make_metrics()
     app.state.metrics = metrics
@@ -89,6 +130,21 @@ def create_app(
         return JSONResponse(
             InputError(f"{field}: {first['msg']}", field=field or "body").to_dict(), status_code=422
         )
+
+    @app.exception_handler(HTTPException)
+    def _http_error(request: Request, error: HTTPException) -> JSONResponse:
+        """Routing errors (404 no such path, 405) in gzx's error shape. A 405's Allow lists
+        the methods of every route on the path (Starlette names only the first route's)."""
+        headers = dict(error.headers or {})
+        if error.status_code == 405:
+            allowed: set[str] = set()
+            for route in app.router.routes:
+                if route.matches(request.scope)[0] != Match.NONE:
+                    allowed |= getattr(route, "methods", None) or set()
+            headers["Allow"] = ", ".join(sorted(allowed))
+        name = {404: "NotFound", 405: "MethodNotAllowed"}.get(error.status_code, "HTTPError")
+        body = {"error": name, "message": str(error.detail)}
+        return JSONResponse(body, status_code=error.status_code, headers=headers)
 
     @app.exception_handler(OperationalError)
     def _database_down(_request: Request, _error: OperationalError) -> JSONResponse:
@@ -127,7 +183,12 @@ def create_app(
             status_code=200 if healthy else 503,
         )
 
-    @app.get("/metrics", tags=["service"], dependencies=[Depends(auth.require("read"))])
+    @app.get(
+        "/metrics",
+        tags=["service"],
+        dependencies=[Depends(auth.require("read"))],
+        response_class=PlainTextResponse,
+    )
     def prometheus_metrics() -> Response:
         """Prometheus metrics: ingested, duplicates, rejected, queue depth, pending subjects."""
         with sessions() as session:
