@@ -105,7 +105,7 @@ def record_classifications(
     plan = _postgres_plan() if is_postgres(session) else None
     if plan is not None:
         inserted = _record_on_postgres(session, plan, unique, ip_salt, now)
-        _enrich_duplicates(session, [p for p in unique if p.id not in inserted])
+        _enrich_duplicates(session, [p for p in unique if p.id not in inserted], ip_salt)
         return _result(items, inserted, [p for p in unique if p.id in inserted])
 
     _ensure_workflows(session, {p.workflow_id for p in unique}, now)
@@ -133,7 +133,7 @@ def record_classifications(
     statement = _insert(session, Classification).on_conflict_do_nothing(index_elements=["id"])
     inserted = set(session.scalars(statement.returning(Classification.id), rows).all())
     fresh = [p for p in unique if p.id in inserted]
-    _enrich_duplicates(session, [p for p in unique if p.id not in inserted])
+    _enrich_duplicates(session, [p for p in unique if p.id not in inserted], ip_salt)
     _insert_votes(session, fresh, volunteer_ids, now)
     return _result(items, inserted, fresh)
 
@@ -618,8 +618,12 @@ def upsert_subject_rows(session: Session, subjects: Iterable[ParsedSubject]) -> 
     _merge_subjects(session, incoming, utcnow())
 
 
-def _enrich_duplicates(session: Session, duplicates: Sequence[ParsedClassification]) -> None:
-    """A richer copy (a stream event after a Caesar body) adds gold flags; answers never change."""
+def _enrich_duplicates(
+    session: Session, duplicates: Sequence[ParsedClassification], ip_salt: str
+) -> None:
+    """A richer copy (a stream event after a Caesar body) adds what the first lacked: gold flags,
+    and the volunteer of an anonymous classification that arrived first with nothing to tell its
+    session by (a Caesar body has no IP). Answers never change."""
     for parsed in duplicates:
         if parsed.gold_standard is None and parsed.expert is None:
             continue
@@ -628,6 +632,53 @@ def _enrich_duplicates(session: Session, duplicates: Sequence[ParsedClassificati
             .where(Classification.id == parsed.id, Classification.gold_standard.is_(None))
             .values(gold_standard=parsed.gold_standard, expert=parsed.expert)
         )
+    known = {p.id: identify_volunteer(p, ip_salt) for p in duplicates}
+    known = {cid: i for cid, i in known.items() if not i.key.startswith("anon:classification-")}
+    if not known:
+        return
+    placeholders = dict(
+        session.execute(
+            select(Volunteer.key, Volunteer.id).where(
+                Volunteer.key.in_([f"anon:classification-{cid}" for cid in known])
+            )
+        ).all()
+    )
+    if not placeholders:
+        return
+    now = utcnow()
+    for cid, identity in sorted(known.items()):
+        placeholder = placeholders.get(f"anon:classification-{cid}")
+        if placeholder is None:
+            continue
+        session.execute(
+            _insert(session, Volunteer).on_conflict_do_nothing(index_elements=["key"]),
+            [
+                {
+                    "key": identity.key,
+                    "kind": identity.kind,
+                    "platform_user_id": identity.platform_user_id,
+                    "login": identity.login,
+                    "ip_hash": identity.ip_hash,
+                    "excluded": False,
+                    "created_at": now,
+                }
+            ],
+        )
+        volunteer = session.scalar(select(Volunteer.id).where(Volunteer.key == identity.key))
+        moved = session.execute(
+            update(Classification)
+            .where(Classification.id == cid, Classification.volunteer_id == placeholder)
+            .values(volunteer_id=volunteer)
+        ).rowcount
+        if moved:
+            session.execute(
+                update(View).where(View.classification_id == cid).values(volunteer_id=volunteer)
+            )
+            view = session.execute(
+                select(View.workflow_id, View.subject_id).where(View.classification_id == cid)
+            ).first()
+            if view is not None:
+                mark_subjects_pending(session, [(view[0], view[1])], now)
 
 
 def _insert_votes(
