@@ -1469,3 +1469,20 @@ def workflow_marks(session: Session, workflow_id: int, task: str) -> list[MarkRo
         MarkRow(i, c, s, v, t, f, k, (x1, y1, x2, y2))
         for i, c, s, v, t, f, k, x1, y1, x2, y2 in session.execute(query).all()
     ]
+
+
+def forget_volunteer(session: Session, volunteer: Volunteer) -> None:
+    """Erase a volunteer's personal fields; their votes stay, as an anonymous volunteer's."""
+    volunteer.key = f"forgotten:{volunteer.id}"
+    volunteer.kind = "anonymous"
+    volunteer.platform_user_id = None
+    volunteer.login = None
+    volunteer.ip_hash = None
+    volunteer.forgotten_at = utcnow()
+
+
+def find_volunteer(session: Session, given: str) -> Volunteer | None:
+    """A volunteer by key (`user:123`, `anon:...`, `ml:...`) or by platform user id."""
+    if given.isdigit():
+        return session.scalar(select(Volunteer).where(Volunteer.key == f"user:{given}"))
+    return session.scalar(select(Volunteer).where(Volunteer.key == given))
