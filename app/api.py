@@ -29,7 +29,7 @@ from app.bodies import JsonBody
 from app.errors import GzxError, InputError, NotFound, http_status
 from app.logs import install_redaction
 from app.models import Classification, Workflow, WorkflowSubject, utcnow
-from app.pipeline import AGGREGATE_QUEUE, Dispatcher
+from app.pipeline import AGGREGATE_QUEUE, Dispatcher, recent_job_times
 from app.settings import Settings
 from app.workflows import load_config
 
@@ -68,6 +68,8 @@ class Metrics:
     skipped: Counter
     queue_depth: Gauge
     pending: Gauge
+    oldest_pending: Gauge
+    job_seconds: Gauge
 
 
 INT64_MAX = 2**63 - 1
@@ -93,6 +95,17 @@ def make_metrics() -> Metrics:
         Counter("gzx_skipped", "Stream events that are not classifications", registry=registry),
         Gauge("gzx_queue_depth", "Jobs waiting on the aggregate queue", registry=registry),
         Gauge("gzx_pending_subjects", "Subjects waiting to be applied", registry=registry),
+        Gauge(
+            "gzx_oldest_pending_seconds",
+            "Age of the oldest pending subject: the queue lag",
+            registry=registry,
+        ),
+        Gauge(
+            "gzx_apply_job_seconds",
+            "Duration of the last 1,000 apply jobs",
+            ["quantile"],
+            registry=registry,
+        ),
     )
 
 
@@ -190,9 +203,14 @@ def create_app(
         response_class=PlainTextResponse,
     )
     def prometheus_metrics() -> Response:
-        """Prometheus metrics: ingested, duplicates, rejected, queue depth, pending subjects."""
+        """Prometheus metrics: ingested, duplicates, rejected, queue depth, pending subjects, queue
+        lag (age of the oldest pending subject) and apply-job durations."""
         with sessions() as session:
             metrics.pending.set(store.count_pending(session))
+            metrics.oldest_pending.set(store.oldest_pending_age(session))
+        times = sorted(recent_job_times(redis))
+        for q in (0.5, 0.99):
+            metrics.job_seconds.labels(str(q)).set(times[int(q * (len(times) - 1))] if times else 0)
         if redis is not None:
             try:
                 metrics.queue_depth.set(redis.llen(f"rq:queue:{AGGREGATE_QUEUE}"))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Protocol
 
@@ -128,3 +129,27 @@ class InProcessDispatcher:
                     log.exception(
                         "applying workflow %s failed; the sweeper will retry", workflow_id
                     )
+
+
+JOB_TIMES_KEY = "gzx:apply-seconds"
+_local_job_times: deque[float] = deque(maxlen=1000)
+
+
+def record_job_time(redis: Redis | None, seconds: float) -> None:
+    """Keep the durations of the last 1,000 apply jobs (in Redis, shared by every worker)."""
+    if redis is None:
+        _local_job_times.append(seconds)
+        return
+    try:
+        pipe = redis.pipeline()
+        pipe.lpush(JOB_TIMES_KEY, seconds)
+        pipe.ltrim(JOB_TIMES_KEY, 0, 999)
+        pipe.execute()
+    except RedisError:
+        log.warning("could not record a job time")
+
+
+def recent_job_times(redis: Redis | None) -> list[float]:
+    if redis is None:
+        return list(_local_job_times)
+    return [float(x) for x in redis.lrange(JOB_TIMES_KEY, 0, -1)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -16,7 +17,13 @@ from app import aggregation, store
 from app.api import create_app
 from app.db import make_engine, make_sessionmaker
 from app.ingest import GroupCommitter
-from app.pipeline import AGGREGATE_QUEUE, Dispatcher, InProcessDispatcher, RQDispatcher
+from app.pipeline import (
+    AGGREGATE_QUEUE,
+    Dispatcher,
+    InProcessDispatcher,
+    RQDispatcher,
+    record_job_time,
+)
 from app.settings import Settings
 
 
@@ -42,7 +49,10 @@ def in_process_dispatcher(
     """The embedded mode's job runner: the same job functions, in a thread of this process."""
 
     def apply(workflow_id: int) -> Any:
-        return aggregation.apply_pending(sessions, workflow_id, settings.apply_batch_size)
+        started = time.perf_counter()
+        applied = aggregation.apply_pending(sessions, workflow_id, settings.apply_batch_size)
+        record_job_time(None, time.perf_counter() - started)
+        return applied
 
     def sweep() -> list[int]:
         with sessions() as session:

@@ -665,11 +665,12 @@ def _enrich_duplicates(
             ],
         )
         volunteer = session.scalar(select(Volunteer.id).where(Volunteer.key == identity.key))
-        moved = session.execute(
+        moved = session.scalars(
             update(Classification)
             .where(Classification.id == cid, Classification.volunteer_id == placeholder)
             .values(volunteer_id=volunteer)
-        ).rowcount
+            .returning(Classification.id)
+        ).all()
         if moved:
             session.execute(
                 update(View).where(View.classification_id == cid).values(volunteer_id=volunteer)
@@ -1486,3 +1487,13 @@ def find_volunteer(session: Session, given: str) -> Volunteer | None:
     if given.isdigit():
         return session.scalar(select(Volunteer).where(Volunteer.key == f"user:{given}"))
     return session.scalar(select(Volunteer).where(Volunteer.key == given))
+
+
+def oldest_pending_age(session: Session) -> float:
+    """Seconds since the oldest pending subject was marked (0 when nothing waits)."""
+    oldest = session.scalar(
+        select(func.min(WorkflowSubject.updated_at)).where(WorkflowSubject.pending.is_(True))
+    )
+    if oldest is None:
+        return 0.0
+    return max(0.0, (utcnow() - _utc(oldest)).total_seconds())

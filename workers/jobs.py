@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import time
+
 from rq import Queue
 
 from app import aggregation, store
-from app.pipeline import AGGREGATE_QUEUE, RQDispatcher, start_of_job
+from app.pipeline import AGGREGATE_QUEUE, RQDispatcher, record_job_time, start_of_job
 from workers.context import context
 
 
@@ -14,7 +16,10 @@ def apply_workflow(workflow_id: int) -> int:
     ctx = context()
     if ctx.redis is not None:
         start_of_job(ctx.redis, workflow_id)
-    return aggregation.apply_pending(ctx.sessions, workflow_id, ctx.settings.apply_batch_size)
+    started = time.perf_counter()
+    applied = aggregation.apply_pending(ctx.sessions, workflow_id, ctx.settings.apply_batch_size)
+    record_job_time(ctx.redis, time.perf_counter() - started)
+    return applied
 
 
 def sweep() -> list[int]:
