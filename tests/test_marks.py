@@ -233,8 +233,8 @@ def test_em_without_gold_finds_the_careless_volunteer() -> None:
     skills = marks.learn_skills(*args)
     assert int(np.argmax(skills.p_fn)) == 4
     result = marks.aggregate_many(*args, skills)
-    # EM alone under-keeps objects that only 3 of the 5 marked (f drifts to ~0.5): 86% kept
-    assert 0.8 * len(d["gold_boxes"]) <= int(result.kept.sum()) <= len(d["gold_boxes"])
+    # EM alone under-keeps objects only 3 of the 5 marked (f drifts to ~0.5): 93% kept
+    assert 0.9 * len(d["gold_boxes"]) <= int(result.kept.sum()) <= len(d["gold_boxes"])
 
 
 def test_a_new_volunteer_counts_as_population_average() -> None:
