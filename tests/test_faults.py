@@ -344,7 +344,7 @@ def test_duplicated_and_reordered_deliveries_equal_one_clean_run(
     sends: list[tuple[dict[str, Any], str]] = []
     for data in items:
         # Caesar's body carries no IP: an anonymous classification is only sent by the stream and
-        # the Panoptes route here (see the xfail test below for what Caesar-first does to it).
+        # the Panoptes route here (the test below covers Caesar first).
         routes = ["kinesis", "panoptes"] + (["caesar"] if data["links"]["user"] else [])
         sends += [(data, rng.choice(routes)) for _ in range(rng.randint(1, 3))]
     rng.shuffle(sends)
@@ -358,13 +358,6 @@ def test_duplicated_and_reordered_deliveries_equal_one_clean_run(
     assert_equals_clean_run(stack, items, tmp_path)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="app/store.py: a duplicate delivery never re-identifies its volunteer "
-    "(_enrich_duplicates only adds gold flags), so an anonymous classification first seen "
-    "in a Caesar body (no IP) stays volunteer anon:classification-<id> after its stream copy "
-    "arrives, and is split from the same session's other classifications",
-)
 def test_an_anonymous_vote_delivered_by_caesar_first_joins_its_stream_volunteer(
     stack: Stack, tmp_path: Path
 ) -> None:
