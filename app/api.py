@@ -24,6 +24,7 @@ from starlette.routing import Match
 
 from app import ingest, parsing, store
 from app.api_engine import add_engine_routes
+from app.api_query import add_query_routes
 from app.auth import Authenticator
 from app.bodies import JsonBody
 from app.errors import GzxError, InputError, NotFound, http_status
@@ -321,4 +322,5 @@ def create_app(
             }
 
     add_engine_routes(app, sessions, auth, run_refit, dispatcher.notify)
+    add_query_routes(app, sessions, auth, run_refit, dispatcher.notify)
     return app

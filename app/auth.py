@@ -16,6 +16,11 @@ from app.settings import Settings
 
 SCOPES = ("ingest", "read", "admin")
 
+READ_COOKIE = "gzx_read"
+"""The dashboard's cookie (Secure, HttpOnly, SameSite=Strict; set by POST /login in
+`app.api_query`): it carries a token, and is accepted for the `read` scope only, never for
+writes."""
+
 
 def _equal(given: str, expected: str) -> bool:
     return hmac.compare_digest(given.encode(), expected.encode())
@@ -42,6 +47,24 @@ class Authenticator:
             raise Unauthorized("unknown bearer token", field="authorization")
         return found
 
+    def scopes_of_token(self, credential: str) -> frozenset[str] | None:
+        """The scopes of a token, compared with every configured one in constant time."""
+        found: frozenset[str] | None = None
+        for token, scopes in self.tokens.items():
+            if _equal(credential, token):
+                found = scopes
+        return found
+
+    def scopes_of_cookie(self, request: Request) -> frozenset[str] | None:
+        """The scopes of the dashboard's read cookie (None when there is no cookie)."""
+        credential = request.cookies.get(READ_COOKIE)
+        if not credential:
+            return None
+        found = self.scopes_of_token(credential)
+        if found is None:
+            raise Unauthorized("the dashboard's cookie holds an unknown token", field="cookie")
+        return found
+
     def require(self, scope: str) -> Callable[[Request], None]:
         """A FastAPI dependency: the request needs a bearer token with `scope` (admin has all)."""
 
@@ -49,6 +72,8 @@ class Authenticator:
             if self.open:
                 return
             scopes = self.scopes_of_bearer(request)
+            if scopes is None and scope == "read":  # the dashboard's cookie: reads only
+                scopes = self.scopes_of_cookie(request)
             if scopes is None:
                 raise Unauthorized("a bearer token is required", field="authorization")
             if scope not in scopes and "admin" not in scopes:

@@ -294,3 +294,18 @@ class MarkSnapshot(Base):
     arrays: Mapped[bytes] = mapped_column(LargeBinary)
     population: Mapped[dict[str, Any]] = mapped_column(JSONValue)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class AuditEntry(Base):
+    """A researcher's hand on the wheel: who did what to which target, when, and why."""
+
+    __tablename__ = "audit"
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    workflow_id: Mapped[int] = mapped_column(BigInteger)
+    who: Mapped[str] = mapped_column(String(200))  # the token's name, or "open"
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    reason: Mapped[str] = mapped_column(Text)  # why, in the researcher's words
+    action: Mapped[str] = mapped_column(String(32))
+    target: Mapped[str] = mapped_column(String(200))  # `subject:<id>`, `volunteer:<id>`
+    details: Mapped[dict[str, Any]] = mapped_column(JSONValue, default=dict)
+    __table_args__ = (Index("ix_audit_workflow_id", "workflow_id", "id"),)

@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session
 
 from app.models import (
     Answer,
+    AuditEntry,
     Classification,
     Cluster,
     Gold,
@@ -1497,3 +1498,219 @@ def oldest_pending_age(session: Session) -> float:
     if oldest is None:
         return 0.0
     return max(0.0, (utcnow() - _utc(oldest)).total_seconds())
+
+# --- the research queries (app.api_query): subjects, summaries, volunteers, audit ---------------
+
+
+def subjects_page(
+    session: Session,
+    workflow_id: int,
+    *,
+    after: int | None,
+    limit: int,
+    status: str | None = None,
+    label: str | None = None,
+    posterior_class: int | None = None,
+    posterior_min: float | None = None,
+    posterior_max: float | None = None,
+    gold: bool | None = None,
+    updated_since: datetime | None = None,
+) -> list[tuple[WorkflowSubject, str | None, bool]]:
+    """Up to `limit` subjects of a workflow with ids above `after`, in id order, each with its
+    gold label and whether it is gold (a label, boxes or both): keyset pagination over the
+    primary key."""
+    gold_label = (
+        select(Gold.label)
+        .where(Gold.workflow_id == workflow_id, Gold.subject_id == WorkflowSubject.subject_id)
+        .scalar_subquery()
+    )
+    is_gold = (
+        select(Gold.subject_id)
+        .where(Gold.workflow_id == workflow_id, Gold.subject_id == WorkflowSubject.subject_id)
+        .exists()
+    )
+    query = select(WorkflowSubject, gold_label, is_gold).where(
+        WorkflowSubject.workflow_id == workflow_id
+    )
+    if after is not None:
+        query = query.where(WorkflowSubject.subject_id > after)
+    if status is not None:
+        query = query.where(WorkflowSubject.status == status)
+    if label is not None:
+        query = query.where(WorkflowSubject.label == label)
+    if posterior_class is not None:
+        value = WorkflowSubject.posterior[posterior_class].as_float()
+        if posterior_min is not None:
+            query = query.where(value >= posterior_min)
+        if posterior_max is not None:
+            query = query.where(value <= posterior_max)
+    if gold is not None:
+        query = query.where(is_gold if gold else ~is_gold)
+    if updated_since is not None:
+        query = query.where(WorkflowSubject.updated_at >= updated_since)
+    query = query.order_by(WorkflowSubject.subject_id).limit(limit)
+    return [(row, g, bool(known)) for row, g, known in session.execute(query).all()]
+
+
+def status_counts(session: Session, workflow_id: int) -> dict[str, int]:
+    """Subjects per status (live, retired, contested) of a workflow."""
+    query = (
+        select(WorkflowSubject.status, func.count())
+        .where(WorkflowSubject.workflow_id == workflow_id)
+        .group_by(WorkflowSubject.status)
+    )
+    return {status: int(n) for status, n in session.execute(query).all()}
+
+
+def classifications_spent(session: Session, workflow_id: int) -> int:
+    """Classifications stored for the workflow's subjects (every view counts: that is effort)."""
+    query = select(func.coalesce(func.sum(WorkflowSubject.n_classifications), 0)).where(
+        WorkflowSubject.workflow_id == workflow_id
+    )
+    return int(session.scalar(query) or 0)
+
+
+def retirement_span(session: Session, workflow_id: int) -> tuple[datetime | None, datetime | None]:
+    """The first and last moment a subject of the workflow retired."""
+    query = select(func.min(Retirement.created_at), func.max(Retirement.created_at)).where(
+        Retirement.workflow_id == workflow_id
+    )
+    first, last = session.execute(query).one()
+    return (_utc(first) if first else None, _utc(last) if last else None)
+
+
+def retirements_per_bucket(
+    session: Session, workflow_id: int, bucket: str
+) -> list[tuple[datetime, int]]:
+    """Retirement events per hour or per day (UTC), oldest first, empty buckets left out."""
+    if is_postgres(session):
+        start: Any = func.date_trunc(bucket, func.timezone("UTC", Retirement.created_at))
+    else:
+        pattern = "%Y-%m-%d %H:00:00" if bucket == "hour" else "%Y-%m-%d 00:00:00"
+        start = func.strftime(pattern, Retirement.created_at)
+    query = (
+        select(start.label("start"), func.count())
+        .where(Retirement.workflow_id == workflow_id)
+        .group_by(start)
+        .order_by(start)
+    )
+    result = []
+    for moment, n in session.execute(query).all():
+        if isinstance(moment, str):
+            moment = datetime.fromisoformat(moment)
+        result.append((moment.replace(tzinfo=UTC), int(n)))
+    return result
+
+
+def volunteer_vote_counts(
+    session: Session, workflow_id: int
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """(volunteer ids sorted, views of each) of everyone who classified in the workflow."""
+    query = (
+        select(View.volunteer_id, func.count())
+        .where(View.workflow_id == workflow_id)
+        .group_by(View.volunteer_id)
+        .order_by(View.volunteer_id)
+    )
+    rows = session.execute(query).all()
+    ids = np.array([r[0] for r in rows], dtype=np.int64)
+    counts = np.array([r[1] for r in rows], dtype=np.int64)
+    return ids, counts
+
+
+def volunteers_by_id(session: Session, volunteer_ids: Sequence[int]) -> dict[int, Volunteer]:
+    query = select(Volunteer).where(Volunteer.id.in_(list(volunteer_ids)))
+    return {v.id: v for v in session.scalars(query)}
+
+
+def subject_sample(session: Session, workflow_id: int, n: int) -> list[tuple[int, str]]:
+    """About `n` voted subjects of each status, picked by a fixed scramble of their ids (the same
+    sample on every call; no overflow for any 64-bit id)."""
+    scramble = (WorkflowSubject.subject_id % 10007) * 7919 % 10007
+    result: list[tuple[int, str]] = []
+    for status in ("retired", "contested", "live"):
+        query = (
+            select(WorkflowSubject.subject_id, WorkflowSubject.status)
+            .where(
+                WorkflowSubject.workflow_id == workflow_id,
+                WorkflowSubject.status == status,
+                WorkflowSubject.n_views > 0,
+            )
+            .order_by(scramble, WorkflowSubject.subject_id)
+            .limit(n)
+        )
+        result += [(int(s), str(st)) for s, st in session.execute(query).all()]
+    return result
+
+
+def subject_mark_rows(
+    session: Session, workflow_id: int, subject_id: int
+) -> list[tuple[int, int, int, int, int, str, str, float, float, float, float]]:
+    """Every mark of a subject, every task: (id, classification, volunteer, tool, frame, task,
+    kind, x1, y1, x2, y2)."""
+    query = (
+        select(
+            Mark.id,
+            Mark.classification_id,
+            View.volunteer_id,
+            Mark.tool,
+            Mark.frame,
+            Mark.task,
+            Mark.kind,
+            Mark.x1,
+            Mark.y1,
+            Mark.x2,
+            Mark.y2,
+        )
+        .join(View, View.classification_id == Mark.classification_id)
+        .where(Mark.workflow_id == workflow_id, Mark.subject_id == subject_id)
+        .order_by(Mark.id)
+    )
+    return [
+        (i, c, v, tool, frame, task, kind, x1, y1, x2, y2)
+        for i, c, v, tool, frame, task, kind, x1, y1, x2, y2 in session.execute(query).all()
+    ]
+
+
+def subjects_of_volunteer(session: Session, volunteer_id: int) -> list[tuple[int, int]]:
+    """(workflow, subject) of every view by a volunteer, in every workflow."""
+    query = (
+        select(View.workflow_id, View.subject_id)
+        .where(View.volunteer_id == volunteer_id)
+        .distinct()
+    )
+    return [(int(w), int(s)) for w, s in session.execute(query).all()]
+
+
+def record_audit(
+    session: Session,
+    workflow_id: int,
+    *,
+    who: str,
+    reason: str,
+    action: str,
+    target: str,
+    details: dict[str, Any],
+) -> AuditEntry:
+    entry = AuditEntry(
+        workflow_id=workflow_id,
+        who=who,
+        created_at=utcnow(),
+        reason=reason,
+        action=action,
+        target=target,
+        details=details,
+    )
+    session.add(entry)
+    session.flush()
+    return entry
+
+
+def audit_page(
+    session: Session, workflow_id: int, before: int | None, limit: int
+) -> list[AuditEntry]:
+    """The newest audit entries of a workflow (ids below `before`), newest first."""
+    query = select(AuditEntry).where(AuditEntry.workflow_id == workflow_id)
+    if before is not None:
+        query = query.where(AuditEntry.id < before)
+    return list(session.scalars(query.order_by(AuditEntry.id.desc()).limit(limit)))
