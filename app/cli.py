@@ -497,3 +497,62 @@ def volunteer_forget(
         store.forget_volunteer(session, found)
         key = found.key
     console.print(f"volunteer {volunteer} forgotten; their votes stay as {key}")
+
+
+def _write_export_now(
+    sessions: Any, settings: Settings, workflow_id: int, rules: Path | None
+) -> tuple[str, str]:
+    import json
+
+    from app import exports
+
+    body = json.loads(rules.read_text()) if rules is not None else {}
+    with sessions.begin() as session:
+        workflow = session.get(Workflow, workflow_id)
+        if workflow is None or workflow.config is None:
+            raise InputError(f"workflow {workflow_id} is not configured", field="workflow_id")
+        chosen = exports.resolve_rules(load_config(workflow.config), body)
+        export_id = exports.create_export(session, workflow_id, chosen)
+    status = exports.write_export(sessions, settings, export_id)
+    if status == "done":
+        exports.notify_done(sessions, export_id)
+    return export_id, status
+
+
+@cli.command("export")
+def export(
+    workflow_id: Annotated[int, typer.Argument(help="The workflow to export.")],
+    out: Annotated[Path, typer.Option(help="Directory to copy the export's files into.")],
+    rules: Annotated[
+        Path | None, typer.Option(help="JSON file of selection rules (override the defaults).")
+    ] = None,
+) -> None:
+    """Write an export now (recorded like one made through the API) and copy its files to OUT."""
+    import json
+    import shutil
+
+    from app import exports
+
+    settings = get_settings()
+    engine = make_engine(settings)
+    try:
+        export_id, status = _write_export_now(
+            make_sessionmaker(engine), settings, workflow_id, rules
+        )
+    finally:
+        engine.dispose()
+    if status != "done":
+        console.print(f"[red]export {export_id} failed[/red]; see GET /v1/exports/{export_id}")
+        raise typer.Exit(1)
+    out.mkdir(parents=True, exist_ok=True)
+    source = exports.export_directory(settings, export_id)
+    for path in sorted(source.iterdir()):
+        shutil.copyfile(path, out / path.name)
+    manifest = json.loads((source / exports.MANIFEST).read_text())
+    counts = manifest["counts"]
+    console.print(
+        f"export {export_id}: {counts['subjects']} subjects ({counts['train']} train, "
+        f"{counts['val']} val, {counts['negatives']} negatives), {counts['boxes']} boxes, "
+        f"expected purity {manifest['expected_purity']}, completeness "
+        f"{manifest['expected_completeness']} -> {out}"
+    )

@@ -13,7 +13,14 @@ import hashlib
 import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from app.answers import DEFAULT_PRIOR_STRENGTH, RetirementRule
 from app.errors import InputError
@@ -100,6 +107,46 @@ class Retirement(_Strict):
     combine: Literal["all", "any"] = "all"
 
 
+class ExportRules(_Strict):
+    """Which subjects and boxes an export keeps (docs/exports.md; algorithms.md 7.7).
+
+    A subject is kept when it is retired (`retired_only`), no class posterior lies strictly inside
+    `answer_bounds`, its E[missed objects] is at most `max_expected_missed`, every cluster with
+    P(real) >= p_real_bounds[1] (a box) has P(off) <= `max_p_off`, and, with
+    `no_unresolved_cluster`, no cluster's P(real) lies strictly inside `p_real_bounds` (otherwise
+    such clusters become ignore regions). Subjects go to validation by a hash of (seed, subject).
+    """
+
+    retired_only: bool = True
+    answer_bounds: tuple[float, float] = (0.01, 0.99)
+    p_real_bounds: tuple[float, float] = (0.1, 0.9)
+    max_p_off: float = Field(default=0.1, ge=0, le=1)
+    no_unresolved_cluster: bool = True
+    max_expected_missed: float = Field(default=0.3, ge=0)
+    val_fraction: float = Field(default=0.2, ge=0, le=1)
+    seed: int = Field(default=0, ge=0, le=2**31 - 1)
+
+    @field_validator("answer_bounds", "p_real_bounds")
+    @classmethod
+    def _ordered_bounds(cls, bounds: tuple[float, float]) -> tuple[float, float]:
+        if not 0 <= bounds[0] <= bounds[1] <= 1:
+            raise ValueError("bounds must be [low, high] with 0 <= low <= high <= 1")
+        return bounds
+
+
+class Exports(ExportRules):
+    """A workflow's export defaults: the rules above, a schedule, and who hears of a new export
+    (an RQ job `train_job` on the queue "train", and a webhook signed like the effects' one)."""
+
+    schedule_interval_s: float | None = Field(default=None, gt=0)
+    webhook_url: str | None = Field(default=None, pattern=r"^https?://")
+    webhook_secret: str | None = None
+    train_job: str = Field(default="trainer.train_on_export", pattern=r"^[A-Za-z_][\w.]*$")
+
+    def rules(self) -> ExportRules:
+        return ExportRules.model_validate(self.model_dump(include=set(ExportRules.model_fields)))
+
+
 class WorkflowConfig(_Strict):
     """Everything a researcher configures for one workflow."""
 
@@ -112,7 +159,7 @@ class WorkflowConfig(_Strict):
     priors: Priors = Field(default_factory=Priors)
     retirement: Retirement = Field(default_factory=Retirement)
     effects: dict[str, Any] = Field(default_factory=dict)
-    exports: dict[str, Any] = Field(default_factory=dict)
+    exports: Exports = Field(default_factory=Exports)
     refit_interval_s: float | None = Field(default=None, gt=0)
 
     def class_of_index(self) -> dict[int, int]:

@@ -56,4 +56,43 @@ def run_schedules() -> list[int]:
             queue.enqueue(
                 refit_workflow, workflow_id, job_id=f"refit-{workflow_id}", job_timeout=3600
             )
+    start_scheduled_exports()
     return due
+
+
+def write_export_job(export_id: str) -> str:
+    """Write a queued export; when done, its webhook and (with Redis) a job on the queue "train"
+    carrying the export id."""
+    from app import exports
+    from app.pipeline import TRAIN_QUEUE
+
+    ctx = context()
+    status = exports.write_export(ctx.sessions, ctx.settings, export_id)
+    settings = exports.notify_done(ctx.sessions, export_id) if status == "done" else None
+    if settings is not None and ctx.redis is not None:
+        Queue(TRAIN_QUEUE, connection=ctx.redis).enqueue(settings["train_job"], export_id)
+    return status
+
+
+def start_scheduled_exports() -> list[str]:
+    """An export of every workflow whose `exports.schedule_interval_s` has passed since its last
+    one: queued on "exports" with Redis, written right here without."""
+    from app import exports
+    from app.pipeline import EXPORTS_QUEUE
+
+    ctx = context()
+    with ctx.sessions.begin() as session:
+        started = [
+            exports.create_export(
+                session, workflow_id, exports.scheduled_rules(session, workflow_id)
+            )
+            for workflow_id in exports.due_exports(session)
+        ]
+    for export_id in started:
+        if ctx.redis is not None:
+            Queue(EXPORTS_QUEUE, connection=ctx.redis).enqueue(
+                write_export_job, export_id, job_timeout=3600
+            )
+        else:
+            write_export_job(export_id)
+    return started
