@@ -23,7 +23,6 @@ from urllib.parse import parse_qs
 import numpy as np
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
-from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field, field_validator
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
@@ -32,7 +31,7 @@ from app import aggregation, answers, store
 from app.api_engine import configured
 from app.auth import READ_COOKIE, Authenticator
 from app.bodies import read_limited
-from app.errors import Conflict, InputError, NotFound, Unauthorized
+from app.errors import Conflict, Forbidden, InputError, NotFound, Unauthorized, http_status
 from app.models import Retirement, Subject, Volunteer, Workflow, WorkflowSubject, utcnow
 from app.workflows import WorkflowConfig
 
@@ -232,6 +231,7 @@ class ActionResult(BaseModel):
     """What an admin action did, and its audit entry."""
 
     audit: AuditItem
+    changed: bool = Field(description="false: it was so already (the action is idempotent)")
     subject: SubjectItem | None = None
     subjects_pending: int | None = None
     refit: dict[str, Any] | None = None
@@ -859,10 +859,12 @@ def add_query_routes(
                 reason=body.reason,
                 action=f"resolve_{body.decision}",
                 target=f"subject:{subject_id}",
-                details={"before": before, "after": before_of(row)},
+                details={"before": before, "after": before_of(row), "changed": True},
             )
             return ActionResult(
-                audit=audit_item(entry), subject=subject_result(session, workflow_id, row, config)
+                audit=audit_item(entry),
+                changed=True,
+                subject=subject_result(session, workflow_id, row, config),
             )
 
     @app.post(
@@ -873,15 +875,15 @@ def add_query_routes(
     def retire_subject(
         workflow_id: int, subject_id: int, body: Reasoned, actor: Who
     ) -> ActionResult:
-        """Retire a live subject by hand (reason `other`); a retirement event whose effects
-        follow."""
+        """Retire a live subject by hand (reason `other`): a retirement event, whose effects
+        follow. Idempotent: a subject already retired (or contested) stays as it is."""
         with sessions.begin() as session:
             _, config = configured(session, workflow_id)
             row = locked_subject(session, workflow_id, subject_id)
-            if row.status != "live":
-                raise Conflict(f"subject {subject_id} is already {row.status}", "status")
             before = before_of(row)
-            retire(session, row, "other")
+            changed = row.status == "live"
+            if changed:
+                retire(session, row, "other")
             entry = store.record_audit(
                 session,
                 workflow_id,
@@ -889,10 +891,12 @@ def add_query_routes(
                 reason=body.reason,
                 action="retire",
                 target=f"subject:{subject_id}",
-                details={"before": before, "after": before_of(row)},
+                details={"before": before, "after": before_of(row), "changed": changed},
             )
             return ActionResult(
-                audit=audit_item(entry), subject=subject_result(session, workflow_id, row, config)
+                audit=audit_item(entry),
+                changed=changed,
+                subject=subject_result(session, workflow_id, row, config),
             )
 
     @app.post(
@@ -903,14 +907,15 @@ def add_query_routes(
     def unretire_subject(
         workflow_id: int, subject_id: int, body: Reasoned, actor: Who
     ) -> ActionResult:
-        """Make a retired (or contested) subject live again; its retirement events stay."""
+        """Make a retired (or contested) subject live again; its retirement events stay, and the
+        rule decides again at its next vote. Idempotent: a live subject stays live."""
         with sessions.begin() as session:
             _, config = configured(session, workflow_id)
             row = locked_subject(session, workflow_id, subject_id)
-            if row.status == "live":
-                raise Conflict(f"subject {subject_id} is already live", "status")
             before = before_of(row)
-            make_live(row)
+            changed = row.status != "live"
+            if changed:
+                make_live(row)
             entry = store.record_audit(
                 session,
                 workflow_id,
@@ -918,10 +923,12 @@ def add_query_routes(
                 reason=body.reason,
                 action="unretire",
                 target=f"subject:{subject_id}",
-                details={"before": before, "after": before_of(row)},
+                details={"before": before, "after": before_of(row), "changed": changed},
             )
             return ActionResult(
-                audit=audit_item(entry), subject=subject_result(session, workflow_id, row, config)
+                audit=audit_item(entry),
+                changed=changed,
+                subject=subject_result(session, workflow_id, row, config),
             )
 
     def set_excluded(
@@ -930,12 +937,12 @@ def add_query_routes(
         with sessions.begin() as session:
             configured(session, workflow_id)
             found = find_volunteer(session, volunteer)
-            if found.excluded == excluded:
-                state = "excluded" if excluded else "included"
-                raise Conflict(f"volunteer {found.id} is already {state}", "volunteer")
-            found.excluded = excluded
-            touched = store.subjects_of_volunteer(session, found.id)
-            store.mark_subjects_pending(session, touched)
+            changed = found.excluded != excluded
+            touched: list[tuple[int, int]] = []
+            if changed:
+                found.excluded = excluded
+                touched = store.subjects_of_volunteer(session, found.id)
+                store.mark_subjects_pending(session, touched)
             entry = store.record_audit(
                 session,
                 workflow_id,
@@ -943,9 +950,11 @@ def add_query_routes(
                 reason=reason,
                 action="exclude_volunteer" if excluded else "include_volunteer",
                 target=f"volunteer:{found.id}",
-                details={"key": found.key, "subjects_pending": len(touched)},
+                details={"key": found.key, "subjects_pending": len(touched), "changed": changed},
             )
-            result = ActionResult(audit=audit_item(entry), subjects_pending=len(touched))
+            result = ActionResult(
+                audit=audit_item(entry), changed=changed, subjects_pending=len(touched)
+            )
         notify(sorted({w for w, _ in touched}))
         return result
 
@@ -997,28 +1006,40 @@ def add_query_routes(
                 reason=body.reason,
                 action="correct_gold",
                 target=f"subject:{subject_id}",
-                details={"before": previous, "after": body.label},
+                details={"before": previous, "after": body.label, "changed": bool(changed)},
             )
-            result = ActionResult(audit=audit_item(entry))
+            result = ActionResult(audit=audit_item(entry), changed=bool(changed))
         if changed:
             result.refit = run_refit(workflow_id)
         return result
 
     # --- the dashboard -----------------------------------------------------------------------
 
-    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    assets = {
+        name: ((STATIC_DIR / name).read_bytes(), media)
+        for name, media in (
+            ("dashboard.js", "text/javascript; charset=utf-8"),
+            ("dashboard.css", "text/css; charset=utf-8"),
+        )
+    }
     page = (STATIC_DIR / "index.html").read_text()
     login_page = (STATIC_DIR / "login.html").read_text()
     headers = {"Content-Security-Policy": PAGE_POLICY, "Cache-Control": "no-store"}
+    require_read = auth.require("read")
 
-    def may_read(request: Request) -> bool:
-        if auth.open:
-            return True
-        try:
-            scopes = auth.scopes_of_bearer(request) or auth.scopes_of_cookie(request)
-        except Unauthorized:
-            return False
-        return scopes is not None and bool({"read", "admin"} & scopes)
+    def asset(name: str) -> Response:
+        body, media = assets[name]
+        return Response(body, media_type=media, headers={"Cache-Control": "no-cache"})
+
+    # The dashboard's code and style are open, like /docs: they are the package's code and hold
+    # no data; every number they show comes from the read routes.
+    @app.get("/static/dashboard.js", include_in_schema=False)
+    def dashboard_js() -> Response:
+        return asset("dashboard.js")
+
+    @app.get("/static/dashboard.css", include_in_schema=False)
+    def dashboard_css() -> Response:
+        return asset("dashboard.css")
 
     def login_form(target: str, message: str, status: int) -> HTMLResponse:
         html = login_page.replace("{{next}}", _escape(target)).replace(
@@ -1026,27 +1047,35 @@ def add_query_routes(
         )
         return HTMLResponse(html, status_code=status, headers=headers)
 
-    def dashboard(request: Request) -> HTMLResponse:
-        if not may_read(request):
-            return login_form(request.url.path, "", 401)
+    def dashboard(request: Request) -> Response:
+        """The dashboard's page for a reader; a browser without a credential gets the login
+        form, any other client gzx's JSON 401/403."""
+        try:
+            require_read(request)
+        except (Unauthorized, Forbidden) as error:
+            if "text/html" not in request.headers.get("accept", ""):
+                raise
+            message = "" if isinstance(error, Unauthorized) else "That token cannot read."
+            return login_form(request.url.path, message, http_status(error))
         return HTMLResponse(page, headers=headers)
 
     @app.get("/", include_in_schema=False)
-    def home(request: Request) -> HTMLResponse:
+    def home(request: Request) -> Response:
         return dashboard(request)
 
     @app.get("/workflows/{workflow_id}", include_in_schema=False)
-    def workflow_page(request: Request, workflow_id: int) -> HTMLResponse:
+    def workflow_page(request: Request, workflow_id: int) -> Response:
         return dashboard(request)
 
     @app.get("/workflows/{workflow_id}/subjects/{subject_id}", include_in_schema=False)
-    def subject_page(request: Request, workflow_id: int, subject_id: int) -> HTMLResponse:
+    def subject_page(request: Request, workflow_id: int, subject_id: int) -> Response:
         return dashboard(request)
 
     @app.post("/login", include_in_schema=False)
     async def login(request: Request) -> Response:
-        """The dashboard's login form: a token with the read (or admin) scope becomes a Secure,
-        HttpOnly, SameSite=Strict cookie that the read routes accept."""
+        """The dashboard's login form (`token`, `next`): a token with the read (or admin) scope
+        becomes a Secure, HttpOnly, SameSite=Strict cookie that the read routes accept. A
+        bearer header may stand for the form's token."""
         form = parse_qs((await read_limited(request)).decode("utf-8", errors="replace"))
         token = (form.get("token") or [""])[0].strip()
         target = (form.get("next") or ["/"])[0]
@@ -1054,9 +1083,20 @@ def add_query_routes(
             target = "/"
         if auth.open:
             return RedirectResponse(target, status_code=303)
+        browser = bool(token) or "text/html" in request.headers.get("accept", "")
+        if not token:
+            scheme, _, credential = request.headers.get("authorization", "").partition(" ")
+            token = credential.strip() if scheme.lower() == "bearer" else ""
         scopes = auth.scopes_of_token(token) if token else None
         if scopes is None or not {"read", "admin"} & scopes:
-            return login_form(target, "That token is not one with the read scope.", 401)
+            error: Unauthorized | Forbidden = (
+                Unauthorized("a token with the read scope is required", field="authorization")
+                if scopes is None
+                else Forbidden("this token lacks the 'read' scope", field="authorization")
+            )
+            if not browser:
+                raise error
+            return login_form(target, "That is not a token with the read scope.", 401)
         response = RedirectResponse(target, status_code=303)
         response.set_cookie(
             READ_COOKIE,
@@ -1067,12 +1107,6 @@ def add_query_routes(
             httponly=True,
             samesite="strict",
         )
-        return response
-
-    @app.post("/logout", include_in_schema=False)
-    def logout() -> Response:
-        response = RedirectResponse("/", status_code=303)
-        response.delete_cookie(READ_COOKIE, path="/", secure=True, httponly=True, samesite="strict")
         return response
 
 
