@@ -9,6 +9,7 @@ applied there). DESIGN.md, invariant 1.
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import signal
@@ -59,6 +60,14 @@ CONFIG: dict[str, Any] = {
     },
     "retirement": {"kind": "risk", "risk_bound": 0.05, "min_views": 4},
 }
+
+
+log = logging.getLogger("gzx.tests.faults")
+
+
+def report(name: str, value: object) -> None:
+    """A figure for docs/reliability.md (see them with --log-cli-level=INFO)."""
+    log.info("%s = %s", name, value)
 
 
 # --------------------------------------------------------------------------- the private stack
@@ -353,6 +362,8 @@ def test_duplicated_and_reordered_deliveries_equal_one_clean_run(
         if n % 97 == 0:
             run_worker(stack.redis)  # some of it applied online, along the way
     assert len(sends) > 1.5 * len(items)
+    report("deliveries", len(sends))
+    report("classifications", len(items))
     run_worker(stack.redis)
     assert_each_stored_once(stack, items)
     assert_equals_clean_run(stack, items, tmp_path)
@@ -397,6 +408,7 @@ def test_a_worker_killed_mid_job_loses_nothing(stack: Stack, tmp_path: Path) -> 
     finally:
         stop(worker)
     assert caught_at is not None, "the worker was not caught mid-job"
+    report("pending_subjects_at_kill", f"{caught_at}/{total}")
     with stack.service.sessions() as session:
         assert store.count_pending(session) > 0  # the job really was left half done
     drain(stack)
@@ -416,7 +428,9 @@ def test_a_flushed_and_restarted_redis_loses_no_queued_work(stack: Stack, tmp_pa
     stack.rd.start()
     run_worker(stack.redis)
     with stack.service.sessions() as session:
-        assert store.count_pending(session) > 0  # the lost jobs really were lost ...
+        stranded = store.count_pending(session)
+    assert stranded > 0  # the lost jobs really were lost ...
+    report("subjects_stranded_until_the_sweep", stranded)
     drain(stack)  # ... until the sweeper runs
     post_all(stack.client, after)  # and the pipeline works again afterwards
     run_worker(stack.redis)
@@ -462,6 +476,8 @@ def test_postgres_restarted_during_ingest_answers_503_and_loses_nothing(
     assert set(statuses) == {200, 503}, sorted(set(statuses))
     assert retry_after == {"1"}
     assert statuses.count(200) == len(batches)
+    report("responses_503", statuses.count(503))
+    report("batches", len(batches))
     assert stack.client.get("/healthz").status_code == 200
     drain(stack)
     assert_each_stored_once(stack, items)
@@ -500,6 +516,7 @@ def test_a_refit_running_while_classifications_arrive_strands_no_vote(
         stop(worker)
     assert not errors, errors
     assert len(refits) >= 3
+    report("refits_during_ingest", len(refits))
     drain(stack)
     assert_each_stored_once(stack, items)  # before any final refit: no vote left behind
     assert_states_are_current(stack)

@@ -14,7 +14,7 @@ import pytest
 import schemathesis
 from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from sqlalchemy import func, select
 
 from app.db import migrate
@@ -125,6 +125,7 @@ def test_a_classification_with_any_field_replaced_is_stored_or_refused_naming_th
     client = client_of(hostile)
     before = rows(hostile)
     response = post_raw(client, "/v1/classifications", json.dumps(data))
+    event(f"HTTP {response.status_code}")
     assert response.status_code in (200, 413, 422), response.text
     if response.status_code != 200:
         assert_refused(response, response.status_code)
@@ -143,6 +144,7 @@ def test_a_stream_event_with_any_field_replaced_never_fails_its_batch(
     body = response.json()
     assert body["received"] == len(events)
     assert body["stored"] + body["duplicates"] + body["skipped"] + body["rejected"] == len(events)
+    event(f"{body['rejected']} of {len(events)} events rejected")
     for error in body["errors"]:
         assert 0 <= error["index"] < len(events)
         assert error.get("field") and error["message"]
@@ -157,6 +159,7 @@ def test_a_caesar_body_with_any_field_replaced_is_stored_or_refused_naming_the_f
     client = client_of(hostile)
     before = rows(hostile)
     response = post_raw(client, "/v1/caesar/extract", json.dumps(body))
+    event(f"HTTP {response.status_code}")
     assert response.status_code in (200, 413, 422), response.text
     if response.status_code != 200:
         assert_refused(response, response.status_code)
@@ -318,6 +321,76 @@ def test_path_ids_out_of_range_or_of_the_wrong_type_are_422(hostile: Service, pa
     """A path id the database cannot hold, or not a number: 422 naming it, not a driver 500."""
     body = assert_refused(client_of(hostile).get(path), 422)
     assert body["field"] in ("workflow_id", "subject_id")
+
+
+def _set(path: tuple[Any, ...], value: Any) -> dict[str, Any]:
+    data = p.classic(1, 1, 1, 0, boxes=[(10, 10, 5, 5)])
+    node: Any = data
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    return data
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="app/parsing.py _index accepts up to 2**63-1, but answers.value, marks.tool and "
+    "marks.frame are 32-bit INTEGER columns (app/models.py): PostgreSQL raises "
+    "'integer out of range' (DataError), which app/api.py re-raises: 500",
+)
+@pytest.mark.parametrize(
+    "path",
+    [
+        ("annotations", 0, "value"),
+        ("annotations", 1, "value", 0, "frame"),
+        ("annotations", 1, "task"),  # tool index checked only on the configured task T1
+    ],
+    ids=["answer", "frame", "tool"],
+)
+def test_indices_beyond_32_bits_are_refused_not_a_500(pg_service: Service, path: Any) -> None:
+    """An answer index, a frame or a tool of 2**40 on PostgreSQL: 422 naming it, not a 500."""
+    client = client_of(pg_service)
+    client.put(f"/v1/workflows/{WF}", json=p.clump_config())
+    data = _set(path, 2**40)
+    if path[-1] == "task":
+        data = _set(path, "T5")
+        data["annotations"][1]["value"][0]["tool"] = 2**40
+    response = client.post("/v1/classifications", json=data)
+    assert_refused(response, 422)
+    assert rows(pg_service)["classifications"] == 0
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="app/workflows.py parse_version has no range check and classifications.version_major"
+    "/version_minor are INTEGER: '99999999999999999999.1' overflows the driver (SQLite "
+    "OverflowError, PostgreSQL integer out of range): 500",
+)
+def test_a_workflow_version_beyond_the_column_is_refused_not_a_500(service: Service) -> None:
+    """workflow_version '99999999999999999999.1': 422 naming workflow_version, not a 500."""
+    client = client_of(service)
+    data = _set(("workflow_version",), "99999999999999999999.1")
+    assert_refused(client.post("/v1/classifications", json=data), 422, "workflow_version")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="app/parsing.py _frames (line ~491) calls float() on subject_dimensions' "
+    "naturalWidth; an integer like 10**400 raises OverflowError: 500",
+)
+def test_an_image_size_too_large_for_a_float_is_refused_not_a_500(service: Service) -> None:
+    """metadata.subject_dimensions[0].naturalWidth = 10**400: a 422, not a 500."""
+    client = client_of(service)
+    data = _set(("metadata", "subject_dimensions", 0, "naturalWidth"), 10**400)
+    assert_refused(client.post("/v1/classifications", json=data), 422)
+
+
+@pytest.mark.parametrize("value", ["9" * 30, 2**70, "١٢"])
+def test_caesar_reduce_refuses_ids_it_cannot_hold(hostile: Service, value: Any) -> None:
+    """Caesar's reducer call with a workflow id beyond int64 or in non-ASCII digits: 422."""
+    body = [{"workflow_id": value, "subject_id": 1, "data": {}}]
+    response = client_of(hostile).post("/v1/caesar/reduce", json=body)
+    assert_refused(response, 422, "extracts[0].workflow_id")
 
 
 @pytest.mark.parametrize("name", ["../../etc/passwd", "..%2F..%2Fetc%2Fpasswd", "%00"])
