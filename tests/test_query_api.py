@@ -5,6 +5,7 @@ describe one subject the way the engine sees it."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -58,7 +59,7 @@ def fill(
     n_volunteers: int = 12,
     views: int = 6,
     seed: int = 4,
-    location: str | None = None,
+    location: Callable[[int], str] | None = None,
     first_subject: int = 500,
 ) -> dict[str, Any]:
     """A small simulated crowd of mixed skill, posted as stream events (so subjects carry an
@@ -92,7 +93,8 @@ def fill(
             minute = number % 60
             created = f"2025-03-04T{10 + number // 60 % 12:02d}:{minute:02d}:04.900Z"
             data = p.classic(number, subject, int(u) + 1, answer, boxes=boxes, created_at=created)
-            events.append(p.event(data, location=location or "http://127.0.0.1:9/none.png"))
+            url = location(subject) if location else "http://127.0.0.1:9/none.png"
+            events.append(p.event(data, location=url))
             pairs.append((subject, int(u) + 1))
     for start in range(0, len(events), 50):
         response = client.post("/v1/ingest/kinesis", json=p.batch(*events[start : start + 50]))

@@ -40,6 +40,10 @@ function fmt(x, digits = 3) {
   return x.toFixed(digits);
 }
 
+function tickFmt(v) {
+  return Math.abs(v) >= 1000 ? v.toLocaleString("en") : String(+v.toFixed(6));
+}
+
 function pct(x) {
   return x === null || x === undefined ? "–" : (100 * x).toFixed(1) + "%";
 }
@@ -90,7 +94,7 @@ function legend(items) {
 
 // --- plots --------------------------------------------------------------------------------
 
-const PAD = { left: 46, right: 12, top: 10, bottom: 34 };
+const PAD = { left: 52, right: 14, top: 10, bottom: 34 };
 
 function ticks(lo, hi, n) {
   if (!(hi > lo)) return [lo];
@@ -115,18 +119,18 @@ function frame(name, opts) {
   const sy = (v) => y0 - ((v - opts.yMin) / (opts.yMax - opts.yMin || 1)) * (y0 - y1);
   for (const v of opts.yTicks || ticks(opts.yMin, opts.yMax, 5)) {
     svg.append(svgEl("line", { class: "grid", x1: x0, x2: x1, y1: sy(v), y2: sy(v) }));
-    svg.append(svgEl("text", { x: x0 - 6, y: sy(v) + 4, "text-anchor": "end", text: (opts.yFormat || fmt)(v) }));
+    svg.append(svgEl("text", { x: x0 - 6, y: sy(v) + 4, "text-anchor": "end", text: (opts.yFormat || tickFmt)(v) }));
   }
   for (const v of opts.xTicks || ticks(opts.xMin, opts.xMax, 6)) {
     svg.append(svgEl("line", { class: "axis", x1: sx(v), x2: sx(v), y1: y0, y2: y0 + 4 }));
-    svg.append(svgEl("text", { x: sx(v), y: y0 + 16, "text-anchor": "middle", text: (opts.xFormat || fmt)(v) }));
+    svg.append(svgEl("text", { x: sx(v), y: y0 + 16, "text-anchor": "middle", text: (opts.xFormat || tickFmt)(v) }));
   }
   svg.append(svgEl("line", { class: "axis", x1: x0, x2: x1, y1: y0, y2: y0 }));
   svg.append(svgEl("line", { class: "axis", x1: x0, x2: x0, y1: y0, y2: y1 }));
   if (opts.xLabel) svg.append(svgEl("text", { x: (x0 + x1) / 2, y: height - 4, "text-anchor": "middle", text: opts.xLabel }));
   if (opts.yLabel) {
     svg.append(svgEl("text", {
-      x: 12, y: (y0 + y1) / 2, "text-anchor": "middle", transform: `rotate(-90 12 ${(y0 + y1) / 2})`, text: opts.yLabel,
+      x: 11, y: (y0 + y1) / 2, "text-anchor": "middle", transform: `rotate(-90 11 ${(y0 + y1) / 2})`, text: opts.yLabel,
     }));
   }
   return { svg, sx, sy };
@@ -148,7 +152,7 @@ function retirementPlot(summary) {
     const d = new Date(v);
     return summary.bucket === "day" ? d.toISOString().slice(5, 10) : d.toISOString().slice(5, 13).replace("T", " ") + "h";
   };
-  const tickTimes = ticks(0, (xMax - xMin) / span, 6).map((k) => xMin + k * span);
+  const tickTimes = ticks(0, (xMax - xMin) / span, 6).filter(Number.isInteger).map((k) => xMin + k * span);
   const { svg, sx, sy } = frame("retirement", {
     xMin, xMax, yMin: 0, yMax, xTicks: tickTimes, xFormat: dateFmt,
     xLabel: `time (UTC, per ${summary.bucket})`, yLabel: "subjects retired",
@@ -267,18 +271,20 @@ function subjectStage(data, frameIndex) {
   const layer = svgEl("g", { class: "drawn" });
   svg.append(layer);
   const pOf = new Map(data.clusters.map((c) => [c.id, c.p_real]));
-  const stroke = Math.max(1, width / 300);
+  const stroke = 1.5; // screen pixels: every shape has a non-scaling stroke
+  const unit = Math.max(1, width / 600); // user units per screen pixel, roughly, for text
   for (const m of marks) {
     const p = m.cluster_id !== null ? pOf.get(m.cluster_id) : null;
     const [x1, y1, x2, y2] = m.box;
     const shape = m.kind === "point"
-      ? svgEl("circle", { cx: x1, cy: y1, r: 3 * stroke })
+      ? svgEl("circle", { cx: x1, cy: y1, r: 3 * unit })
       : svgEl("rect", { x: x1, y: y1, width: Math.max(0.5, x2 - x1), height: Math.max(0.5, y2 - y1) });
     shape.setAttribute("class", "mark");
     shape.setAttribute("fill", "none");
     shape.setAttribute("stroke", p === null || p === undefined ? "#cbd5e0" : realColour(p));
     shape.setAttribute("stroke-width", String(stroke));
-    shape.setAttribute("stroke-dasharray", `${3 * stroke} ${2 * stroke}`);
+    shape.setAttribute("vector-effect", "non-scaling-stroke");
+    shape.setAttribute("stroke-dasharray", "4 3");
     shape.append(svgEl("title", { text: `mark ${m.id} by volunteer ${m.volunteer_id}` + (p != null ? `, cluster P(real) ${fmt(p)}` : ", no cluster") }));
     layer.append(shape);
   }
@@ -287,11 +293,12 @@ function subjectStage(data, frameIndex) {
     const colour = realColour(c.p_real);
     const box = svgEl("rect", {
       class: "cluster", x: x1, y: y1, width: Math.max(0.5, x2 - x1), height: Math.max(0.5, y2 - y1),
-      fill: "none", stroke: colour, "stroke-width": 3 * stroke, "data-p-real": c.p_real.toFixed(4),
+      fill: "none", stroke: colour, "stroke-width": 3, "vector-effect": "non-scaling-stroke",
+      "data-p-real": c.p_real.toFixed(4),
     }, svgEl("title", { text: `cluster ${c.id}: P(real) ${fmt(c.p_real)}, P(off) ${fmt(c.p_off)}, ${c.n_marks} marks of ${c.n_views} views` }));
     layer.append(box);
     layer.append(svgEl("text", {
-      x: x1, y: Math.max(10 * stroke, y1 - 3 * stroke), fill: colour, "font-size": 11 * stroke, "font-weight": 700,
+      x: x1, y: Math.max(12 * unit, y1 - 3 * unit), fill: colour, "font-size": 13 * unit, "font-weight": 700,
       text: c.p_real.toFixed(2),
     }));
   }
@@ -479,10 +486,12 @@ async function subjectPage(main, workflowId, subjectId) {
       statBox(fmt(Math.max(0, history.steps.length - 1)), "votes counted"),
       statBox(fmt(drawn.clusters.length), "clusters"),
       statBox(fmt(drawn.marks.length), "marks")),
+    el("div", { class: "subject-grid" },
+      el("section", { class: "card" }, el("h2", { text: "Marks and clusters" }), frameSelect, stageBox),
+      el("div", { class: "column" },
+        card("Why it stands where it does", el("ul", {}, ...why.map((w) => el("li", { text: w })))),
+        card("Posterior after each vote", historyPlot(history)))),
     el("div", { class: "grid" },
-      card("Why it stands where it does", el("ul", {}, ...why.map((w) => el("li", { text: w })))),
-      card("Posterior after each vote", historyPlot(history)),
-      el("section", { class: "card wide" }, el("h2", { text: "Marks and clusters" }), frameSelect, stageBox),
       el("section", { class: "card wide" }, el("h2", { text: "Clusters" }),
         clusterRows.length
           ? el("table", { "data-table": "clusters" }, el("tr", {}, ...["id", "tool", "P(real)", "P(off)", "marks / views", "", "box x1, y1, x2, y2"].map((h) => el("th", { text: h }))), ...clusterRows)
