@@ -6,6 +6,7 @@ invariant 2."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -399,6 +400,42 @@ def test_path_traversal_in_a_path_parameter_finds_nothing(hostile: Service, name
     response = client_of(hostile).get(f"/v1/workflows/{WF}/volunteers/{name}")
     assert response.status_code in (404, 422)
     assert response.json()["error"]
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "../secret.txt",
+        "..%2Fsecret.txt",
+        "%2e%2e/%2e%2e/secret.txt",
+        "manifest.json/../../secret.txt",
+        "..%5Csecret.txt",
+        "%2Fetc%2Fpasswd",
+        "/etc/passwd",
+        "secret.txt",
+    ],
+)
+def test_path_traversal_in_an_export_file_name_reads_nothing_outside_it(
+    hostile: Service, tmp_path: Path, name: str
+) -> None:
+    """A finished export's files: manifest.json is served; names that climb out of the export's
+    directory (plain, percent-encoded, backslashed, absolute) get a 4xx and no file's bytes."""
+    client = client_of(hostile)
+    exports_dir = hostile.settings.export_dir
+    exports_dir.mkdir(parents=True, exist_ok=True)
+    for where in (tmp_path / "secret.txt", exports_dir / "secret.txt"):
+        where.write_text("TOP-SECRET-CONTENT")
+    client.post("/v1/classifications", json=[p.classic(k, 7, k, 0) for k in range(1, 5)])
+    export_id = client.post(f"/v1/workflows/{WF}/exports", json={}).json()["id"]
+    deadline = time.monotonic() + 30
+    while client.get(f"/v1/exports/{export_id}").json()["status"] not in ("done", "failed"):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert client.get(f"/v1/exports/{export_id}/files/manifest.json").status_code == 200
+    response = client.get(f"/v1/exports/{export_id}/files/{name}")
+    assert 400 <= response.status_code < 500, (name, response.status_code)
+    assert "TOP-SECRET" not in response.text
+    assert "root:" not in response.text
 
 
 def test_annotations_of_an_unconfigured_task_are_kept_and_ignored(hostile: Service) -> None:
