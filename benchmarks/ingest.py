@@ -79,6 +79,26 @@ def template(per_body: int) -> str:
     return json.dumps(p.batch(*[p.event(one) for _ in range(per_body)]))
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc), to price each request in CPU:
+    on a machine shared with other work, throughput moves with their load, CPU per request less."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def phase(
+    server: subprocess.Popen[bytes], port: int, per_body: int, base: int, seconds: int
+) -> dict[str, float]:
+    """One wrk phase: classifications per second, and the server's CPU microseconds for each."""
+    path = "/v1/classifications" if per_body == 1 else "/v1/ingest/kinesis"
+    before = cpu_seconds(server.pid)
+    started = time.perf_counter()
+    rate = per_body * wrk(port, path, per_body, base, seconds)
+    elapsed = time.perf_counter() - started
+    cpu = cpu_seconds(server.pid) - before
+    return {"per_s": rate, "cpu_us": 1e6 * cpu / (rate * elapsed)}
+
+
 def wrk(port: int, path: str, per_body: int, base: int, seconds: int) -> float:
     """Requests per second that wrk sustained (2 threads, 32 connections)."""
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
@@ -193,8 +213,10 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def csv_import(rows: int) -> float:
-    """Classifications per second of `gzx import classifications` into PostgreSQL."""
+def csv_import(rows: int) -> dict[str, float]:
+    """`gzx import classifications` into PostgreSQL: the import's own rate (as the command
+    reports it) and the whole command's, which also applies the configured workflow's subjects
+    in-process (no Redis here)."""
     fresh_database()
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "export.csv"
@@ -208,13 +230,19 @@ def csv_import(rows: int) -> float:
         env = {k: v for k, v in os.environ.items() if not k.startswith("GZX_")}
         env["GZX_DATABASE_URL"] = PG
         started = time.perf_counter()
-        subprocess.run(
+        done = subprocess.run(
             [BIN / "gzx", "import", "classifications", str(path)],
             env=env,
             check=True,
             capture_output=True,
+            text=True,
         )
-        return rows / (time.perf_counter() - started)
+        whole = rows / (time.perf_counter() - started)
+    stated = re.search(r"in ([\d.]+) s \(", done.stderr)
+    return {
+        "import_per_s": rows / float(stated.group(1)) if stated else float("nan"),
+        "command_per_s": whole,
+    }
 
 
 def main() -> None:
@@ -246,27 +274,31 @@ def main() -> None:
     )
     results: dict[str, object] = {}
     try:
-        singles: dict[str, list[float]] = {"gzx": [], "noop": []}
-        batches: dict[str, list[float]] = {"gzx": [], "noop": []}
+        servers = {"gzx": (gzx, 8311), "noop": (noop, 8312)}
+        singles: dict[str, list[dict[str, float]]] = {"gzx": [], "noop": []}
+        batches: dict[str, list[dict[str, float]]] = {"gzx": [], "noop": []}
         for run in range(args.runs):
             base = 10_000_000 * (run + 1)
-            singles["noop"].append(wrk(8312, "/v1/classifications", 1, base, args.seconds))
-            singles["gzx"].append(wrk(8311, "/v1/classifications", 1, base, args.seconds))
-            batches["noop"].append(
-                100 * wrk(8312, "/v1/ingest/kinesis", 100, base + 5_000_000, args.seconds)
-            )
-            batches["gzx"].append(
-                100 * wrk(8311, "/v1/ingest/kinesis", 100, base + 5_000_000, args.seconds)
-            )
+            for name in ("noop", "gzx"):
+                singles[name].append(phase(*servers[name], 1, base, args.seconds))
+            for name in ("noop", "gzx"):
+                batches[name].append(phase(*servers[name], 100, base + 5_000_000, args.seconds))
         latency = {
             name: fixed_rate(port, args.rate, args.rate_seconds, 900_000_000)
             for name, port in (("gzx", 8311), ("noop", 8312))
         }
+
+        def median(runs: dict[str, list[dict[str, float]]], key: str) -> dict[str, float]:
+            return {name: statistics.median(r[key] for r in rs) for name, rs in runs.items()}
+
+        single = median(singles, "per_s")
         results = {
-            "single_per_s": {k: statistics.median(v) for k, v in singles.items()},
+            "single_per_s": single,
+            "single_cpu_us_per_classification": median(singles, "cpu_us"),
+            "single_ratio": single["gzx"] / single["noop"],
             "single_runs": singles,
-            "single_ratio": statistics.median(singles["gzx"]) / statistics.median(singles["noop"]),
-            "batch_classifications_per_s": {k: statistics.median(v) for k, v in batches.items()},
+            "batch_classifications_per_s": median(batches, "per_s"),
+            "batch_cpu_us_per_classification": median(batches, "cpu_us"),
             "batch_runs": batches,
             f"latency_at_{args.rate:g}_per_s_ms": latency,
         }
