@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -19,7 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app import answers, clusters, marks, parsing, store
 from app.errors import InputError
-from app.models import Retirement, Workflow, WorkflowSubject, utcnow
+from app.models import Retirement, Workflow, WorkflowSubject, as_utc, utcnow
 from app.workflows import WorkflowConfig, load_config
 
 IntArray = npt.NDArray[np.int64]
@@ -672,11 +671,6 @@ def due_refits(session: Session) -> list[int]:
         last = None
         if workflow.skill_snapshot_id is not None:
             last = store.snapshot_time(session, workflow.skill_snapshot_id)
-        if last is None or (now - _aware(last)).total_seconds() >= float(interval):
+        if last is None or (now - as_utc(last)).total_seconds() >= float(interval):
             due.append(workflow.id)
     return due
-
-
-def _aware(moment: datetime) -> datetime:
-    """SQLite hands datetimes back without their zone; gzx stores UTC."""
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)

@@ -271,6 +271,40 @@ def create_app(
         outcome = record([parsed], "caesar", False)
         return {"gzx": outcome.outcomes[0], "classification_id": parsed.id}
 
+    @app.post("/v1/caesar/reduce", tags=["caesar"], dependencies=[Depends(auth.require_caesar)])
+    def caesar_reduce(body: JsonBody) -> Response:
+        """Caesar's external-reducer call (default mode: a list of extracts; running mode:
+        {"extracts", "store"}): the subject's posterior, label and a `retire` flag that Caesar's
+        own `retire_subject` rule can test; 204 when gzx holds nothing on the subject yet."""
+        extracts = body.get("extracts") if isinstance(body, dict) else body
+        if not isinstance(extracts, list) or not extracts or not isinstance(extracts[0], dict):
+            raise InputError("expected a non-empty list of extracts", field="extracts")
+        first = extracts[0]
+        ids = {}
+        for name in ("workflow_id", "subject_id"):
+            value = first.get(name)
+            text = (
+                str(value) if isinstance(value, int | str) and not isinstance(value, bool) else ""
+            )
+            if not (text.isascii() and text.isdigit() and int(text) < 2**63):
+                raise InputError(f"{name} must be an id (an integer)", field=f"extracts[0].{name}")
+            ids[name] = int(text)
+        with sessions() as session:
+            state = session.get(WorkflowSubject, (ids["workflow_id"], ids["subject_id"]))
+            if state is None or (state.posterior is None and state.marks_risk is None):
+                return Response(status_code=204)
+            workflow = session.get(Workflow, ids["workflow_id"])
+            classes = (workflow.config or {}).get("classes", []) if workflow else []
+            data = {
+                "posterior": dict(zip(classes, state.posterior or [], strict=False)),
+                "label": state.label,
+                "retire": state.status == "retired",
+                "reason": state.reason,
+                "votes": state.n_views,
+                "status": state.status,
+            }
+        return JSONResponse(data)
+
     @app.put(
         "/v1/workflows/{workflow_id}",
         tags=["workflows"],

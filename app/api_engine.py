@@ -301,7 +301,7 @@ def add_engine_routes(
             workflow, config = configured(session, workflow_id)
             found = (
                 session.get(Volunteer, int(volunteer))
-                if volunteer.isdigit()
+                if volunteer.isascii() and volunteer.isdigit() and int(volunteer) < 2**63
                 else session.scalar(select(Volunteer).where(Volunteer.key == volunteer))
             )
             if found is None:

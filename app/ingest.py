@@ -19,8 +19,8 @@ from app import store
 from app.errors import GzxError, InputError
 from app.models import Workflow
 from app.parsing import ParsedClassification
-from app.store import is_postgres
 from app.pipeline import Dispatcher
+from app.store import is_postgres
 from app.workflows import WorkflowConfig, load_config
 
 log = logging.getLogger("gzx.ingest")
@@ -53,8 +53,7 @@ def workflow_configs(session: Session, workflow_ids: set[int]) -> dict[int, Work
         with connection.cursor() as cursor:
             with connection.pipeline():
                 cursor.execute(
-                    "SELECT id, config FROM workflows"
-                    " WHERE id = ANY(%s) AND config IS NOT NULL",
+                    "SELECT id, config FROM workflows WHERE id = ANY(%s) AND config IS NOT NULL",
                     [sorted(workflow_ids)],
                 )
             return {workflow_id: load_config(config) for workflow_id, config in cursor}

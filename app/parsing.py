@@ -174,6 +174,7 @@ class GoldSignal:
 # --- small validators --------------------------------------------------------------------------
 
 _MAX_ID = 2**63 - 1  # ids go into BIGINT columns
+_MAX_INDEX = 2**31 - 1  # tools, frames and answer indices go into INTEGER columns
 _DIGITS = re.compile(r"[0-9]{1,19}")
 _NUMBER = re.compile(r"\s*[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?\s*")
 _ANONYMOUS_PREFIX = "not-logged-in-"
@@ -369,8 +370,8 @@ def _index(value: object, at: str, what: str) -> int:
     """A small non-negative integer: tool, frame, answer index, markIndex."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise InputError(f"{what} must be a non-negative integer, got {_kind_of(value)}", field=at)
-    if not 0 <= value <= _MAX_ID:
-        raise InputError(f"{what} must be a non-negative integer, got {value}", field=at)
+    if not 0 <= value <= _MAX_INDEX:
+        raise InputError(f"{what} must be an integer from 0 to {_MAX_INDEX}, got {value}", field=at)
     return value
 
 
@@ -477,6 +478,18 @@ def _is_size(value: object) -> TypeGuard[int | float]:
     return isinstance(value, int | float) and not isinstance(value, bool) and 0 < value < math.inf
 
 
+def _version(value: object, at: str) -> str | None:
+    """A workflow version such as "18.42"; its numbers must fit the database's integers."""
+    text = _text(value, at, "workflow_version")
+    if text is not None:
+        for part in text.split(".")[:2]:
+            if part.isascii() and part.isdigit() and int(part) > _MAX_INDEX:
+                raise InputError(
+                    f"workflow_version {text!r} has a number over {_MAX_INDEX}", field=at
+                )
+    return text
+
+
 def _frames(metadata: dict[str, Any]) -> list[_Frame | None]:
     """Natural image sizes per frame from metadata.subject_dimensions; unknown entries are None."""
     dims = metadata.get("subject_dimensions")
@@ -488,6 +501,11 @@ def _frames(metadata: dict[str, Any]) -> list[_Frame | None]:
         if isinstance(entry, dict):
             width, height = entry.get("naturalWidth"), entry.get("naturalHeight")
             if _is_size(width) and _is_size(height):
+                if width > _MAX_INDEX or height > _MAX_INDEX:
+                    raise InputError(
+                        f"an image of {width} x {height} pixels is not believable",
+                        field="metadata.subject_dimensions",
+                    )
                 size = _Frame(float(width), float(height))
         frames.append(size)
     return frames
@@ -788,7 +806,7 @@ def _panoptes(
         id=_id(_required(data, "id", at), _join(at, "id")),
         workflow_id=_id(_required(links, "workflow", links_at), _join(links_at, "workflow")),
         project_id=_optional_id(links.get("project"), _join(links_at, "project")),
-        workflow_version=_text(workflow_version, _join(at, "workflow_version"), "workflow_version"),
+        workflow_version=_version(workflow_version, _join(at, "workflow_version")),
         user_id=user_id,
         user_login=login,
         anonymous_key=None,
@@ -935,7 +953,7 @@ def parse_caesar_extract(body: object, limits: Limits = DEFAULT_LIMITS) -> Parse
         id=_id(_required(data, "id", ""), "id"),
         workflow_id=_id(_required(data, "workflow_id", ""), "workflow_id"),
         project_id=_optional_id(data.get("project_id"), "project_id"),
-        workflow_version=_text(workflow_version, "workflow_version", "workflow_version"),
+        workflow_version=_version(workflow_version, "workflow_version"),
         user_id=_optional_id(data.get("user_id"), "user_id"),
         user_login=None,
         anonymous_key=None,
@@ -1010,7 +1028,7 @@ def parse_export_row(row: dict[str, str], limits: Limits = DEFAULT_LIMITS) -> Pa
         id=_id(_cell(row, "classification_id", required=True), "classification_id"),
         workflow_id=_id(_cell(row, "workflow_id", required=True), "workflow_id"),
         project_id=None,
-        workflow_version=_cell(row, "workflow_version") or None,
+        workflow_version=_version(_cell(row, "workflow_version") or None, "workflow_version"),
         user_id=user_id,
         user_login=None if anonymous or user_id is None else user_name,
         anonymous_key=user_name if anonymous else None,

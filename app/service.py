@@ -13,7 +13,7 @@ from rq import Queue
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from app import aggregation, store
+from app import aggregation, effects, store
 from app.api import create_app
 from app.db import make_engine, make_sessionmaker
 from app.ingest import GroupCommitter
@@ -52,6 +52,8 @@ def in_process_dispatcher(
         started = time.perf_counter()
         applied = aggregation.apply_pending(sessions, workflow_id, settings.apply_batch_size)
         record_job_time(None, time.perf_counter() - started)
+        if applied:
+            effects.deliver_effects(sessions, settings, workflow_id)
         return applied
 
     def sweep() -> list[int]:
@@ -59,6 +61,10 @@ def in_process_dispatcher(
             due = aggregation.due_refits(session)
         for workflow_id in due:
             aggregation.refit(sessions, workflow_id)
+        with sessions() as session:
+            retries = effects.workflows_with_due_effects(session)
+        for workflow_id in retries:
+            effects.deliver_effects(sessions, settings, workflow_id)
         with sessions() as session:
             return store.workflows_with_pending(session)
 

@@ -27,6 +27,10 @@ class Settings(BaseSettings):
     caesar_secret: str | None = Field(default=None, repr=False)
     ip_salt: str = Field(default="gzx-default-salt", repr=False)
     export_dir: Path = Path("exports")
+    panoptes_endpoint: str = "https://www.zooniverse.org"
+    panoptes_client_id: str | None = None
+    panoptes_client_secret: str | None = Field(default=None, repr=False)
+    caesar_token: str | None = Field(default=None, repr=False)
     max_body_bytes: int = 10 * 1024 * 1024
     max_marks_per_classification: int = 1000
     sweep_interval_s: float = 30.0

@@ -36,6 +36,7 @@ from app.models import (
     Volunteer,
     Workflow,
     WorkflowSubject,
+    as_utc,
     utcnow,
 )
 from app.parsing import ParsedClassification, ParsedSubject
@@ -1130,15 +1131,10 @@ def all_votes(
         for part in session.execute(query.execution_options(yield_per=chunk)).partitions():
             for index, column in enumerate(zip(*part, strict=True)):
                 rows[index].extend(column)
-        rows[3] = [round(_utc(c).timestamp() * 1_000_000) for c in rows[3]]
+        rows[3] = [round(as_utc(c).timestamp() * 1_000_000) for c in rows[3]]
         columns = [np.asarray(column, dtype=np.int64) for column in rows]
     cid, sid, vid, created_us, answer_class = columns
     return VoteTable(cid, sid, vid, created_us, answer_class, last_view_id)
-
-
-def _utc(moment: datetime) -> datetime:
-    """SQLite hands datetimes back without their zone; gzx stores UTC."""
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
 def _copy_bigints(session: Session, query: Any, n_columns: int) -> list[npt.NDArray[np.int64]]:
@@ -1485,7 +1481,7 @@ def forget_volunteer(session: Session, volunteer: Volunteer) -> None:
 
 def find_volunteer(session: Session, given: str) -> Volunteer | None:
     """A volunteer by key (`user:123`, `anon:...`, `ml:...`) or by platform user id."""
-    if given.isdigit():
+    if given.isascii() and given.isdigit():
         return session.scalar(select(Volunteer).where(Volunteer.key == f"user:{given}"))
     return session.scalar(select(Volunteer).where(Volunteer.key == given))
 
@@ -1497,7 +1493,17 @@ def oldest_pending_age(session: Session) -> float:
     )
     if oldest is None:
         return 0.0
-    return max(0.0, (utcnow() - _utc(oldest)).total_seconds())
+    return max(0.0, (utcnow() - as_utc(oldest)).total_seconds())
+
+
+def subject_labels(
+    session: Session, workflow_id: int, subject_ids: Sequence[int]
+) -> dict[int, str]:
+    query = select(WorkflowSubject.subject_id, WorkflowSubject.label).where(
+        WorkflowSubject.workflow_id == workflow_id, WorkflowSubject.subject_id.in_(subject_ids)
+    )
+    return {s: label for s, label in session.execute(query).all() if label is not None}
+
 
 # --- the research queries (app.api_query): subjects, summaries, volunteers, audit ---------------
 
@@ -1576,7 +1582,7 @@ def retirement_span(session: Session, workflow_id: int) -> tuple[datetime | None
         Retirement.workflow_id == workflow_id
     )
     first, last = session.execute(query).one()
-    return (_utc(first) if first else None, _utc(last) if last else None)
+    return (as_utc(first) if first else None, as_utc(last) if last else None)
 
 
 def retirements_per_bucket(

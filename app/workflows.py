@@ -107,6 +107,17 @@ class Retirement(_Strict):
     combine: Literal["all", "any"] = "all"
 
 
+class Effects(_Strict):
+    """What a retirement causes outside gzx; `dry_run` records effects without sending them."""
+
+    dry_run: bool = False
+    panoptes: bool = False
+    webhook_url: str | None = Field(default=None, pattern=r"^https?://")
+    webhook_secret: str | None = None
+    caesar_url: str | None = Field(default=None, pattern=r"^https?://")
+    caesar_reducer_key: str = Field(default="gzx", pattern=r"^[A-Za-z0-9_.-]+$")
+
+
 class ExportRules(_Strict):
     """Which subjects and boxes an export keeps (docs/exports.md; algorithms.md 7.7).
 
@@ -158,7 +169,7 @@ class WorkflowConfig(_Strict):
     repeats: Literal["keep_first", "keep_last"] = "keep_first"
     priors: Priors = Field(default_factory=Priors)
     retirement: Retirement = Field(default_factory=Retirement)
-    effects: dict[str, Any] = Field(default_factory=dict)
+    effects: Effects = Field(default_factory=Effects)
     exports: Exports = Field(default_factory=Exports)
     refit_interval_s: float | None = Field(default=None, gt=0)
 

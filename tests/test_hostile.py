@@ -333,12 +333,6 @@ def _set(path: tuple[Any, ...], value: Any) -> dict[str, Any]:
     return data
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="app/parsing.py _index accepts up to 2**63-1, but answers.value, marks.tool and "
-    "marks.frame are 32-bit INTEGER columns (app/models.py): PostgreSQL raises "
-    "'integer out of range' (DataError), which app/api.py re-raises: 500",
-)
 @pytest.mark.parametrize(
     "path",
     [
@@ -361,12 +355,6 @@ def test_indices_beyond_32_bits_are_refused_not_a_500(pg_service: Service, path:
     assert rows(pg_service)["classifications"] == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="app/workflows.py parse_version has no range check and classifications.version_major"
-    "/version_minor are INTEGER: '99999999999999999999.1' overflows the driver (SQLite "
-    "OverflowError, PostgreSQL integer out of range): 500",
-)
 def test_a_workflow_version_beyond_the_column_is_refused_not_a_500(service: Service) -> None:
     """workflow_version '99999999999999999999.1': 422 naming workflow_version, not a 500."""
     client = client_of(service)
@@ -374,11 +362,6 @@ def test_a_workflow_version_beyond_the_column_is_refused_not_a_500(service: Serv
     assert_refused(client.post("/v1/classifications", json=data), 422, "workflow_version")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="app/parsing.py _frames (line ~491) calls float() on subject_dimensions' "
-    "naturalWidth; an integer like 10**400 raises OverflowError: 500",
-)
 def test_an_image_size_too_large_for_a_float_is_refused_not_a_500(service: Service) -> None:
     """metadata.subject_dimensions[0].naturalWidth = 10**400: a 422, not a 500."""
     client = client_of(service)

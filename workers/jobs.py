@@ -6,8 +6,14 @@ import time
 
 from rq import Queue
 
-from app import aggregation, store
-from app.pipeline import AGGREGATE_QUEUE, RQDispatcher, record_job_time, start_of_job
+from app import aggregation, effects, store
+from app.pipeline import (
+    AGGREGATE_QUEUE,
+    EFFECTS_QUEUE,
+    RQDispatcher,
+    record_job_time,
+    start_of_job,
+)
 from workers.context import context
 
 
@@ -19,7 +25,17 @@ def apply_workflow(workflow_id: int) -> int:
     started = time.perf_counter()
     applied = aggregation.apply_pending(ctx.sessions, workflow_id, ctx.settings.apply_batch_size)
     record_job_time(ctx.redis, time.perf_counter() - started)
+    if applied and ctx.redis is not None:
+        Queue(EFFECTS_QUEUE, connection=ctx.redis).enqueue(
+            deliver_workflow_effects, workflow_id, job_id=f"effects-{workflow_id}-{time.time_ns()}"
+        )
     return applied
+
+
+def deliver_workflow_effects(workflow_id: int) -> dict[str, int]:
+    """Effects of a workflow's new retirements, and retries of failed ones that are due."""
+    ctx = context()
+    return effects.deliver_effects(ctx.sessions, ctx.settings, workflow_id)
 
 
 def sweep() -> list[int]:
@@ -27,6 +43,11 @@ def sweep() -> list[int]:
     ctx = context()
     with ctx.sessions() as session:
         workflow_ids = store.workflows_with_pending(session)
+        due_effects = effects.workflows_with_due_effects(session)
+    if ctx.redis is not None:
+        queue = Queue(EFFECTS_QUEUE, connection=ctx.redis)
+        for workflow_id in due_effects:
+            queue.enqueue(deliver_workflow_effects, workflow_id)
     if ctx.redis is not None:
         for workflow_id in workflow_ids:
             # Force a new job even if a (possibly lost) debounce key is still set.

@@ -1,0 +1,318 @@
+"""Effects of a retirement outside gzx: Panoptes retirement, a signed webhook, a Caesar reduction.
+
+Retirements are events in the database; this module turns each into one effect row per configured
+kind (an outbox), then delivers due effects, grouping Panoptes retirements in batches of at most
+100 subject ids per reason. Each effect is recorded with its status and retried with exponential
+backoff; one that succeeded is never sent again. Delivery is at-least-once only across a crash
+between the send and the commit of its status (Panoptes' retire is idempotent; webhooks carry an
+Idempotency-Key). With `dry_run`, or for subjects the platform had already retired, effects are
+recorded as skipped and nothing is sent, so a backfill cannot flood Panoptes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import httpx
+from sqlalchemy import and_, or_, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from app import store
+from app.models import Effect, Retirement, Subject, Workflow, utcnow
+from app.settings import Settings
+from app.workflows import WorkflowConfig, load_config
+
+log = logging.getLogger("gzx.effects")
+
+PANOPTES_REASONS = {
+    "classification_count",
+    "flagged",
+    "nothing_here",
+    "consensus",
+    "other",
+    "human",
+}
+MAX_ATTEMPTS = 8
+BATCH = 100
+
+
+def backoff(attempts: int) -> timedelta:
+    """Seconds before the next try: 5 s, 10 s, 20 s ... capped at an hour."""
+    return timedelta(seconds=min(3600, 5 * 2 ** max(0, attempts - 1)))
+
+
+def kinds_of(config: WorkflowConfig) -> list[str]:
+    effects = config.effects
+    kinds = []
+    if effects.panoptes:
+        kinds.append("panoptes")
+    if effects.webhook_url:
+        kinds.append("webhook")
+    if effects.caesar_url:
+        kinds.append("caesar")
+    return kinds
+
+
+def materialize(session: Session, workflow_id: int, config: WorkflowConfig) -> int:
+    """One effect row per configured kind for every retirement that has none yet."""
+    kinds = kinds_of(config)
+    if not kinds:
+        return 0
+    query = (
+        select(Retirement.id, Retirement.subject_id, Subject.platform_retired)
+        .outerjoin(Subject, Subject.id == Retirement.subject_id)
+        .outerjoin(Effect, Effect.retirement_id == Retirement.id)
+        .where(Retirement.workflow_id == workflow_id, Effect.id.is_(None))
+        .order_by(Retirement.id)
+    )
+    rows = []
+    now = utcnow()
+    for retirement_id, subject_id, platform_retired in session.execute(query).all():
+        skip = config.effects.dry_run or bool(platform_retired)
+        for kind in kinds:
+            rows.append(
+                {
+                    "retirement_id": retirement_id,
+                    "workflow_id": workflow_id,
+                    "subject_id": subject_id,
+                    "kind": kind,
+                    "status": "skipped" if skip else "pending",
+                    "attempts": 0,
+                    "next_attempt_at": now,
+                    "last_error": (
+                        "dry run" if config.effects.dry_run else "retired on the platform"
+                    )
+                    if skip
+                    else None,
+                    "created_at": now,
+                }
+            )
+    if rows:
+        statement = store._insert(session, Effect).on_conflict_do_nothing(
+            index_elements=["retirement_id", "kind"]
+        )
+        session.execute(statement, rows)
+    return len(rows)
+
+
+@dataclass(frozen=True)
+class Due:
+    effect: Effect
+    retirement: Retirement
+
+
+def claim_due(session: Session, workflow_id: int, limit: int = 500) -> list[Due]:
+    now = utcnow()
+    query = (
+        select(Effect, Retirement)
+        .join(Retirement, Retirement.id == Effect.retirement_id)
+        .where(
+            Effect.workflow_id == workflow_id,
+            or_(Effect.status == "pending", Effect.status == "failed"),
+            or_(Effect.next_attempt_at.is_(None), Effect.next_attempt_at <= now),
+        )
+        .order_by(Effect.id)
+        .limit(limit)
+    )
+    if store.is_postgres(session):
+        query = query.with_for_update(skip_locked=True, of=Effect)
+    return [Due(e, r) for e, r in session.execute(query).all()]
+
+
+Sender = Callable[[str, Sequence[Due]], None]
+
+
+def _panoptes_sender(
+    settings: Settings, workflow_id: int
+) -> tuple[Callable[[list[int], str], None], Callable[[], None]]:
+    """(send, close): retire subject ids with one reason through panoptes-client."""
+    from panoptes_client import Panoptes
+
+    client = Panoptes(
+        endpoint=settings.panoptes_endpoint,
+        client_id=settings.panoptes_client_id,
+        client_secret=settings.panoptes_client_secret,
+    )
+
+    def send(subject_ids: list[int], reason: str) -> None:
+        response = client.http_request(
+            "POST",
+            f"/workflows/{workflow_id}/retired_subjects",
+            json={"subject_ids": subject_ids, "retirement_reason": reason},
+        )
+        if response.status_code >= 300:
+            raise RuntimeError(f"Panoptes answered {response.status_code}")
+
+    return send, client.session.close
+
+
+def panoptes_reason(reason: str) -> str:
+    """Panoptes accepts a fixed set of reasons; anything else goes as "other"."""
+    return reason if reason in PANOPTES_REASONS else "other"
+
+
+def _signed_post(url: str, secret: str | None, payload: dict[str, Any], key: str) -> None:
+    body = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
+    stamp = str(int(time.time()))
+    headers = {"content-type": "application/json", "Idempotency-Key": key, "X-Gzx-Timestamp": stamp}
+    if secret:
+        digest = hmac.new(secret.encode(), stamp.encode() + b"." + body, hashlib.sha256)
+        headers["X-Gzx-Signature"] = "sha256=" + digest.hexdigest()
+    response = httpx.post(url, content=body, headers=headers, timeout=10)
+    if response.status_code >= 300:
+        raise RuntimeError(f"{url} answered {response.status_code}")
+
+
+def reduction(retirement: Retirement, label: str | None) -> dict[str, Any]:
+    return {
+        "subject_id": retirement.subject_id,
+        "workflow_id": retirement.workflow_id,
+        "reason": retirement.reason,
+        "posterior": retirement.posterior,
+        "label": label,
+        "votes": retirement.n_votes,
+        "retired_at": retirement.created_at.isoformat(),
+        "retire": True,
+    }
+
+
+def deliver(
+    session: Session, settings: Settings, workflow_id: int, config: WorkflowConfig, due: list[Due]
+) -> dict[str, int]:
+    """Send due effects; record success, or failure with the time of the next try."""
+    now = utcnow()
+    sent = failed = 0
+
+    def outcome(items: Sequence[Due], error: Exception | None) -> None:
+        nonlocal sent, failed
+        for item in items:
+            item.effect.attempts += 1
+            if error is None:
+                item.effect.status, item.effect.last_error = "done", None
+                sent += 1
+            else:
+                dead = item.effect.attempts >= MAX_ATTEMPTS
+                item.effect.status = "dead" if dead else "failed"
+                item.effect.last_error = str(error)[:500]
+                item.effect.next_attempt_at = now + backoff(item.effect.attempts)
+                failed += 1
+
+    by_kind: dict[str, list[Due]] = defaultdict(list)
+    for item in due:
+        by_kind[item.effect.kind].append(item)
+    labels = store.subject_labels(session, workflow_id, [d.retirement.subject_id for d in due])
+    if by_kind.get("panoptes"):
+        send, close = _panoptes_sender(settings, workflow_id)
+        by_reason: dict[str, list[Due]] = defaultdict(list)
+        for item in by_kind["panoptes"]:
+            by_reason[panoptes_reason(item.retirement.reason)].append(item)
+        try:
+            for reason, items in sorted(by_reason.items()):
+                for start in range(0, len(items), BATCH):
+                    chunk = items[start : start + BATCH]
+                    try:
+                        send([d.retirement.subject_id for d in chunk], reason)
+                        outcome(chunk, None)
+                    except Exception as error:  # every failure is recorded and retried
+                        log.warning("Panoptes retirement failed: %s", error)
+                        outcome(chunk, error)
+        finally:
+            close()
+    for item in by_kind.get("webhook", []):
+        payload = reduction(item.retirement, labels.get(item.retirement.subject_id))
+        try:
+            _signed_post(
+                config.effects.webhook_url or "",
+                config.effects.webhook_secret,
+                payload,
+                f"gzx-effect-{item.effect.id}",
+            )
+            outcome([item], None)
+        except Exception as error:
+            outcome([item], error)
+    for item in by_kind.get("caesar", []):
+        try:
+            push_to_caesar(
+                settings, config, item.retirement, labels.get(item.retirement.subject_id)
+            )
+            outcome([item], None)
+        except Exception as error:
+            outcome([item], error)
+    return {"sent": sent, "failed": failed}
+
+
+def push_to_caesar(
+    settings: Settings, config: WorkflowConfig, retirement: Retirement, label: str | None
+) -> None:
+    """PUT the subject's reduction to Caesar's subject-reductions API."""
+    url = (
+        f"{(config.effects.caesar_url or '').rstrip('/')}/workflows/{retirement.workflow_id}"
+        f"/subject_reductions/{config.effects.caesar_reducer_key}"
+    )
+    body = {
+        "reduction": {
+            "subject_id": retirement.subject_id,
+            "subgroup": "_default",
+            "data": reduction(retirement, label),
+        }
+    }
+    headers = {"Authorization": f"Bearer {settings.caesar_token}"} if settings.caesar_token else {}
+    response = httpx.put(url, json=body, headers=headers, timeout=10)
+    if response.status_code >= 300:
+        raise RuntimeError(f"Caesar answered {response.status_code}")
+
+
+def deliver_effects(
+    sessions: sessionmaker[Session], settings: Settings, workflow_id: int
+) -> dict[str, int]:
+    """The effects job: outbox rows for new retirements, then every due effect, in turn."""
+    total = {"created": 0, "sent": 0, "failed": 0}
+    with sessions.begin() as session:
+        workflow = session.get(Workflow, workflow_id)
+        if workflow is None or workflow.config is None:
+            return total
+        config = load_config(workflow.config)
+        total["created"] = materialize(session, workflow_id, config)
+    while True:
+        with sessions.begin() as session:
+            due = claim_due(session, workflow_id)
+            if not due:
+                return total
+            result = deliver(session, settings, workflow_id, config, due)
+        total["sent"] += result["sent"]
+        total["failed"] += result["failed"]
+        if result["sent"] == 0:
+            return total  # everything due failed: the backoff decides when to try again
+
+
+def workflows_with_due_effects(session: Session) -> list[int]:
+    now = utcnow()
+    query = (
+        select(Effect.workflow_id)
+        .where(
+            or_(Effect.status == "pending", Effect.status == "failed"),
+            or_(Effect.next_attempt_at.is_(None), Effect.next_attempt_at <= now),
+        )
+        .distinct()
+    )
+    pending = set(session.scalars(query))
+    new = (
+        select(Retirement.workflow_id)
+        .outerjoin(Effect, and_(Effect.retirement_id == Retirement.id))
+        .where(Effect.id.is_(None))
+        .distinct()
+    )
+    for workflow_id in set(session.scalars(new)) - pending:
+        workflow = session.get(Workflow, workflow_id)
+        if workflow is not None and workflow.config and kinds_of(load_config(workflow.config)):
+            pending.add(workflow_id)
+    return sorted(pending)
