@@ -84,10 +84,6 @@ MEDIA_TYPES = {
 MIME_EXTENSIONS = {"image/jpeg": "jpg", "image/jpg": "jpg", "image/png": "png", "image/gif": "gif"}
 
 
-def _coord(x: float) -> float:
-    return round(float(x), 3)
-
-
 def _prob(x: float) -> float:
     return round(float(x), 6)
 
@@ -163,7 +159,7 @@ def judge_subject(
     config: WorkflowConfig,
     status: str,
     posterior: Sequence[float] | None,
-    marks_risk: dict[str, Any] | None,
+    e_missed: float | None,
     boxes: Sequence[Box],
 ) -> Verdict:
     """Apply the selection rules to one subject (boxes of frame 0 and of the workflow's tools)."""
@@ -177,9 +173,8 @@ def judge_subject(
             return Verdict(False, "answer_uncertain")
     if config.drawing is None:
         return Verdict(True)
-    if marks_risk is None:
+    if e_missed is None:
         return Verdict(False, "marks_not_aggregated")
-    e_missed = float(marks_risk.get("e_missed", 0.0))
     if e_missed > rules.max_expected_missed:
         return Verdict(False, "may_miss_objects")
     lo, hi = rules.p_real_bounds
@@ -216,19 +211,28 @@ def image_name(subject_id: int, locations: Any) -> tuple[str, str | None]:
 # --- reading -----------------------------------------------------------------------------------
 
 
-def _subject_rows(session: Session, workflow_id: int, rules: ExportRules) -> Iterator[Any]:
+def _stream(session: Session, query: Any) -> Iterator[Sequence[Any]]:
+    """Rows of a core select, `CHUNK` at a time, from a server-side cursor (no ORM loading)."""
+    result = session.connection().execution_options(yield_per=CHUNK).execute(query)
+    yield from result.partitions()
+
+
+def _subject_rows(
+    session: Session, workflow_id: int, rules: ExportRules, n_classes: int
+) -> Iterator[Any]:
+    """Subjects in id order; the posterior's classes and E[missed] read in SQL (no JSON here)."""
     query = (
         select(
             WorkflowSubject.subject_id,
             WorkflowSubject.status,
-            WorkflowSubject.posterior,
             WorkflowSubject.label,
             WorkflowSubject.reason,
             WorkflowSubject.n_classifications,
-            WorkflowSubject.marks_risk,
+            WorkflowSubject.marks_risk["e_missed"].as_float().label("e_missed"),
             Subject.locations,
             Subject.width,
             Subject.height,
+            *(WorkflowSubject.posterior[k].as_float().label(f"p{k}") for k in range(n_classes)),
         )
         .select_from(WorkflowSubject)
         .outerjoin(Subject, Subject.id == WorkflowSubject.subject_id)
@@ -237,7 +241,7 @@ def _subject_rows(session: Session, workflow_id: int, rules: ExportRules) -> Ite
     )
     if rules.retired_only:
         query = query.where(WorkflowSubject.status == "retired")
-    for chunk in session.execute(query, execution_options={"yield_per": CHUNK}).partitions():
+    for chunk in _stream(session, query):
         yield from chunk
 
 
@@ -257,17 +261,17 @@ def _cluster_rows(session: Session, workflow_id: int) -> Iterator[Any]:
         .where(Cluster.workflow_id == workflow_id, Cluster.n_marks > 0, Cluster.tool >= 0)
         .order_by(Cluster.subject_id)
     )
-    for chunk in session.execute(query, execution_options={"yield_per": CHUNK}).partitions():
+    for chunk in _stream(session, query):
         yield from chunk
 
 
 def subjects_with_boxes(
-    session: Session, workflow_id: int, rules: ExportRules
+    session: Session, workflow_id: int, rules: ExportRules, n_classes: int
 ) -> Iterator[tuple[Any, list[Box]]]:
     """Subjects in id order, each with its clusters (sorted by content): a merge of two streams."""
     cluster_rows = _cluster_rows(session, workflow_id)
     pending = next(cluster_rows, None)
-    for subject in _subject_rows(session, workflow_id, rules):
+    for subject in _subject_rows(session, workflow_id, rules, n_classes):
         sid = subject.subject_id
         while pending is not None and pending.subject_id < sid:
             pending = next(cluster_rows, None)
@@ -298,13 +302,19 @@ class _CocoWriter:
         self.n_images = 0
         self.n_annotations = 0
 
-    def add(self, image: dict[str, Any], regions: Iterable[dict[str, Any]]) -> None:
+    def add(
+        self, image: dict[str, Any], regions: Iterable[tuple[Box, int]], category: dict[int, int]
+    ) -> None:
+        """An image and its regions: (box, iscrowd) pairs; annotation ids count from 1."""
         self.images.write(("," if self.n_images else "") + _dumps(image))
         self.n_images += 1
-        for region in regions:
+        parts = []
+        for box, crowd in regions:
             self.n_annotations += 1
-            region["id"] = self.n_annotations
-            self.annotations.write(("," if self.n_annotations > 1 else "") + _dumps(region))
+            parts.append(_region(self.n_annotations, image["id"], box, category[box.tool], crowd))
+        if parts:
+            lead = "," if self.n_annotations > len(parts) else ""
+            self.annotations.write(lead + ",".join(parts))
 
     def close(self) -> None:
         self.images.close()
@@ -321,21 +331,14 @@ class _CocoWriter:
             out.write("\n")
 
 
-def _regions(
-    image_id: int, boxes: Sequence[Box], crowd: int, category: dict[int, int]
-) -> Iterator[dict[str, Any]]:
-    for b in boxes:
-        x, y = _coord(b.x1), _coord(b.y1)
-        w, h = _coord(b.x2 - b.x1), _coord(b.y2 - b.y1)
-        yield {
-            "image_id": image_id,
-            "category_id": category[b.tool],
-            "bbox": [x, y, w, h],
-            "area": _coord(w * h),
-            "iscrowd": crowd,
-            "score": _prob(b.p_real),
-            "p_off": _prob(b.p_off),
-        }
+def _region(number: int, image_id: int, b: Box, category_id: int, crowd: int) -> str:
+    """One COCO annotation as JSON, keys sorted; coordinates to 1e-3, probabilities to 1e-6."""
+    w, h = b.x2 - b.x1, b.y2 - b.y1
+    return (
+        f'{{"area":{w * h:.3f},"bbox":[{b.x1:.3f},{b.y1:.3f},{w:.3f},{h:.3f}],'
+        f'"category_id":{category_id},"id":{number},"image_id":{image_id},'
+        f'"iscrowd":{crowd},"p_off":{b.p_off:.6f},"score":{b.p_real:.6f}}}'
+    )
 
 
 @dataclass
@@ -410,12 +413,14 @@ def _write_subjects(
         writer.writerow(_label_columns(config))
         parquet = pq.ParquetWriter(directory / "labels.parquet", schema, compression="zstd")
         chunk: list[dict[str, Any]] = []
-        for subject, found in subjects_with_boxes(session, workflow.id, rules):
+        K = len(config.classes)
+        for subject, found in subjects_with_boxes(session, workflow.id, rules, K):
             tally.considered += 1
             on_image = [b for b in found if b.frame == 0 and b.tool in category]
             tally.other_frames_skipped += len(found) - len(on_image)
+            posterior = tuple(subject[-K:]) if K and subject[-K] is not None else None
             verdict = judge_subject(
-                rules, config, subject.status, subject.posterior, subject.marks_risk, on_image
+                rules, config, subject.status, posterior, subject.e_missed, on_image
             )
             if not verdict.kept:
                 reason = verdict.reason or "excluded"
@@ -436,14 +441,8 @@ def _write_subjects(
                 image: dict[str, Any] = {"id": sid, "file_name": file_name, "coco_url": url}
                 if subject.width and subject.height:
                     image["width"], image["height"] = int(subject.width), int(subject.height)
-                coco[split].add(
-                    image,
-                    [
-                        *_regions(sid, verdict.boxes, 0, category),
-                        *_regions(sid, verdict.ignored, 1, category),
-                    ],
-                )
-            posterior = list(subject.posterior or [])
+                regions = [(b, 0) for b in verdict.boxes] + [(b, 1) for b in verdict.ignored]
+                coco[split].add(image, regions, category)
             chunk.append(
                 {
                     "subject_id": sid,
@@ -455,7 +454,7 @@ def _write_subjects(
                     "boxes": len(verdict.boxes),
                     "ignore": len(verdict.ignored),
                     **{
-                        f"p_{name}": float(posterior[k]) if k < len(posterior) else None
+                        f"p_{name}": None if posterior is None else posterior[k]
                         for k, name in enumerate(config.classes)
                     },
                 }
@@ -521,25 +520,24 @@ def _skill_rows(
 
 def _write_skills(session: Session, path: Path, workflow: Workflow, config: WorkflowConfig) -> int:
     """Every volunteer with a view in the workflow, `CHUNK` at a time, in id order."""
+    votes = (
+        select(View.volunteer_id, func.count().label("votes"))
+        .where(View.workflow_id == workflow.id)
+        .group_by(View.volunteer_id)
+        .subquery()
+    )
     query = (
         select(
-            View.volunteer_id,
-            Volunteer.key,
-            Volunteer.kind,
-            Volunteer.excluded,
-            func.count().label("votes"),
+            votes.c.volunteer_id, Volunteer.key, Volunteer.kind, Volunteer.excluded, votes.c.votes
         )
-        .join(Volunteer, Volunteer.id == View.volunteer_id)
-        .where(View.workflow_id == workflow.id)
-        .group_by(View.volunteer_id, Volunteer.key, Volunteer.kind, Volunteer.excluded)
-        .order_by(View.volunteer_id)
+        .join(Volunteer, Volunteer.id == votes.c.volunteer_id)
+        .order_by(votes.c.volunteer_id)
     )
     n = 0
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle, lineterminator="\n")
         writer.writerow(_skill_columns(config))
-        result = session.execute(query, execution_options={"yield_per": CHUNK})
-        for rows in result.partitions():
+        for rows in _stream(session, query):
             writer.writerows(_skill_rows(session, workflow, config, list(rows)))
             n += len(rows)
     return n
