@@ -42,7 +42,7 @@ import uuid
 from array import array
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import IO, Any
 
@@ -622,11 +622,11 @@ def _claim(sessions: sessionmaker[Session], export_id: str) -> tuple[int, Export
 
 def write_export(sessions: sessionmaker[Session], settings: Settings, export_id: str) -> str:
     """Run a queued export: files into settings.export_dir/<id>/, status and manifest into its
-    row. Returns the final status ("done" or "failed"); an export not queued is left alone."""
+    row. Returns "done" or "failed", or "skipped" for an export that is not queued (another job
+    claimed it first), so that only the job that wrote an export announces it."""
     claimed = _claim(sessions, export_id)
     if claimed is None:
-        with sessions() as session:
-            return str(session.scalar(select(Export.status).where(Export.id == export_id)))
+        return "skipped"
     workflow_id, rules = claimed
     final = export_directory(settings, export_id)
     partial = final.with_name(final.name + ".partial")
@@ -789,3 +789,15 @@ def scheduled_rules(session: Session, workflow_id: int) -> ExportRules:
     workflow = session.get(Workflow, workflow_id)
     assert workflow is not None and workflow.config is not None
     return load_config(workflow.config).exports.rules()
+
+
+def stale_queued(session: Session, older_than_s: float = 600.0) -> list[str]:
+    """Exports still queued long after they were asked for (their job was lost with Redis);
+    queueing them again is safe, since an export is claimed once."""
+    since = utcnow() - timedelta(seconds=older_than_s)
+    query = (
+        select(Export.id)
+        .where(Export.status == "queued", Export.created_at < since)
+        .order_by(Export.created_at)
+    )
+    return list(session.scalars(query))

@@ -394,3 +394,67 @@ def test_gzx_export_writes_the_files_to_out(
     for name in api["files"]:
         served = client.get(f"/v1/exports/{api['id']}/files/{name}").content
         assert (out / name).read_bytes() == served, name
+
+
+def test_a_question_only_workflow_exports_labels_and_no_coco(
+    service: Service, tmp_path: Path
+) -> None:
+    """Without a drawing task an export holds labels, skills and the manifest, and no COCO."""
+    client = TestClient(service.app)
+    question_only = {k: v for k, v in config().items() if k != "drawing"}
+    assert client.put(f"/v1/workflows/{WF}", json=question_only).status_code == 200
+    body = [p.classic(10 + u, 77, u, 0) for u in range(1, 7)]
+    assert client.post("/v1/classifications", json=body).status_code == 200
+    assert isinstance(service.dispatcher, InProcessDispatcher)
+    assert service.dispatcher.wait_idle(30)
+    export = run_export(client, {"answer_bounds": [0.5, 0.5]})
+    assert export["files"] == ["labels.csv", "labels.parquet", "manifest.json", "skills.csv"]
+    manifest = export["manifest"]
+    assert manifest["counts"]["subjects"] == 1 and manifest["expected_completeness"] is None
+    with fetch(client, export, "skills.csv", tmp_path).open() as handle:
+        skills = list(csv.DictReader(handle))
+    assert [r["key"] for r in skills] == [f"user:{u}" for u in range(1, 7)]
+    for row in skills:
+        assert float(row["confusion_clumpy_clumpy_lo90"]) <= float(row["confusion_clumpy_clumpy"])
+        assert float(row["confusion_clumpy_clumpy"]) <= float(row["confusion_clumpy_clumpy_hi90"])
+        assert "p_fn" not in row
+
+
+def test_an_export_whose_job_redis_lost_is_queued_again(
+    pg_service: Service, redis: Any, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A queued export older than ten minutes is queued again by run_schedules; it runs once."""
+    from datetime import timedelta
+
+    from rq import Queue, SimpleWorker
+    from sqlalchemy import update
+
+    from workers import jobs
+    from workers.context import reset_context
+
+    client = TestClient(pg_service.app)
+    client.put(f"/v1/workflows/{WF}", json=config())
+    with pg_service.sessions.begin() as session:
+        rules = exports.scheduled_rules(session, WF)
+        export_id = exports.create_export(session, WF, rules)
+        session.flush()
+        session.execute(
+            update(Export)
+            .where(Export.id == export_id)
+            .values(created_at=Export.created_at - timedelta(hours=1))
+        )
+    monkeypatch.setenv("GZX_DATABASE_URL", pg_service.settings.database_url)
+    monkeypatch.setenv("GZX_REDIS_URL", redis_url)
+    monkeypatch.setenv("GZX_EXPORT_DIR", str(pg_service.settings.export_dir))
+    get_settings.cache_clear()
+    reset_context()
+    try:
+        jobs.run_schedules()
+        jobs.run_schedules()  # queued twice: the second job finds it claimed
+        assert Queue("exports", connection=redis).count == 2
+        SimpleWorker([Queue("exports", connection=redis)], connection=redis).work(burst=True)
+        assert client.get(f"/v1/exports/{export_id}").json()["status"] == "done"
+        assert len(Queue("train", connection=redis).jobs) == 1
+    finally:
+        get_settings.cache_clear()
+        reset_context()

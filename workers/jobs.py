@@ -97,7 +97,8 @@ def write_export_job(export_id: str) -> str:
 
 def start_scheduled_exports() -> list[str]:
     """An export of every workflow whose `exports.schedule_interval_s` has passed since its last
-    one: queued on "exports" with Redis, written right here without."""
+    one: queued on "exports" with Redis (with any export whose job Redis lost), written right
+    here without."""
     from app import exports
     from app.pipeline import EXPORTS_QUEUE
 
@@ -109,7 +110,8 @@ def start_scheduled_exports() -> list[str]:
             )
             for workflow_id in exports.due_exports(session)
         ]
-    for export_id in started:
+        lost = exports.stale_queued(session) if ctx.redis is not None else []
+    for export_id in [*started, *lost]:
         if ctx.redis is not None:
             Queue(EXPORTS_QUEUE, connection=ctx.redis).enqueue(
                 write_export_job, export_id, job_timeout=3600
