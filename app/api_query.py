@@ -14,13 +14,16 @@ import binascii
 import hashlib
 import json
 import math
+import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import parse_qs
 
 import numpy as np
+import numpy.typing as npt
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from pydantic import BaseModel, Field, field_validator
@@ -348,17 +351,51 @@ def image_locations(locations: list[Any]) -> list[ImageLocation]:
     return found
 
 
-def volunteer_skills(
-    session: Session, workflow: Workflow, config: WorkflowConfig, ids: np.ndarray[Any, Any]
-) -> tuple[np.ndarray[Any, Any] | None, np.ndarray[Any, Any] | None]:
-    """(information per vote (U,), confusion diagonals (U,K)) from the skill snapshot in bulk."""
-    if config.question is None or ids.size == 0:
-        return None, None
-    snapshot = aggregation.current_snapshot(session, workflow)
-    skills = aggregation.skills_for(session, workflow.id, config, snapshot, ids)
-    theta = answers.confusion(skills)
-    diagonal = theta[:, np.arange(theta.shape[1]), np.arange(theta.shape[1])]
-    return answers.information_per_vote(skills), diagonal
+@dataclass(frozen=True)
+class VolunteerTable:
+    """Everyone who classified in a workflow: ids (sorted), views, and from the skills in bulk
+    the information per vote (U,) and the confusion diagonals (U,K) (None without a question)."""
+
+    ids: npt.NDArray[np.int64]
+    votes: npt.NDArray[np.int64]
+    information: npt.NDArray[np.float64] | None
+    diagonal: npt.NDArray[np.float64] | None
+
+
+_volunteer_tables: dict[tuple[str, int], tuple[tuple[Any, ...], VolunteerTable]] = {}
+_volunteer_tables_lock = threading.Lock()
+
+
+def volunteer_table(session: Session, workflow: Workflow, config: WorkflowConfig) -> VolunteerTable:
+    """The workflow's volunteer table. Counting every view takes a scan of the views, so each
+    process keeps the last table of each workflow for as long as nothing it depends on changed:
+    no new view, the same skill snapshot, configuration and gold."""
+    key = (
+        store.newest_view_id(session),
+        workflow.skill_snapshot_id,
+        workflow.config_hash,
+        store.gold_stamp(session, workflow.id),
+    )
+    where = (str(session.get_bind().engine.url), workflow.id)
+    with _volunteer_tables_lock:
+        cached = _volunteer_tables.get(where)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    ids, votes = store.volunteer_vote_counts(session, workflow.id)
+    information = diagonal = None
+    if config.question is not None and ids.size:
+        snapshot = aggregation.current_snapshot(session, workflow)
+        skills = aggregation.skills_for(session, workflow.id, config, snapshot, ids)
+        theta = answers.confusion(skills)
+        K = theta.shape[1]
+        diagonal = theta[:, np.arange(K), np.arange(K)]
+        information = answers.information_per_vote(skills)
+    table = VolunteerTable(ids, votes, information, diagonal)
+    with _volunteer_tables_lock:
+        if len(_volunteer_tables) >= 64:
+            _volunteer_tables.clear()
+        _volunteer_tables[where] = (key, table)
+    return table
 
 
 def find_volunteer(session: Session, given: str) -> Volunteer:
@@ -630,8 +667,9 @@ def add_query_routes(
         after = decode_cursor(cursor, ("value", "id")) if cursor else None
         with sessions() as session:
             workflow, config = configured(session, workflow_id)
-            ids, votes = store.volunteer_vote_counts(session, workflow_id)
-            information, diagonal = volunteer_skills(session, workflow, config, ids)
+            table = volunteer_table(session, workflow, config)
+            ids, votes = table.ids, table.votes
+            information, diagonal = table.information, table.diagonal
             value = votes.astype(np.float64)
             if sort == "information":
                 value = information if information is not None else np.zeros(ids.size)

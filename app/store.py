@@ -1720,3 +1720,16 @@ def audit_page(
     if before is not None:
         query = query.where(AuditEntry.id < before)
     return list(session.scalars(query.order_by(AuditEntry.id.desc()).limit(limit)))
+
+
+def newest_view_id(session: Session) -> int:
+    """The id of the newest view of any workflow (0 when there is none)."""
+    return int(session.scalar(select(func.coalesce(func.max(View.id), 0))) or 0)
+
+
+def gold_stamp(session: Session, workflow_id: int) -> tuple[int, str]:
+    """How many gold rows a workflow has and when the last changed: a cheap change marker."""
+    count, last = session.execute(
+        select(func.count(), func.max(Gold.updated_at)).where(Gold.workflow_id == workflow_id)
+    ).one()
+    return int(count), str(last)
