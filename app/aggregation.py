@@ -7,6 +7,8 @@ jobs and crashed workers cannot change the result. The numbers come from `app.an
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -22,6 +24,7 @@ from app.models import Retirement, Workflow, WorkflowSubject, as_utc, utcnow
 from app.workflows import WorkflowConfig, load_config
 
 IntArray = npt.NDArray[np.int64]
+log = logging.getLogger("gzx.aggregation")
 
 
 def select_votes(votes: Sequence[store.VoteRow], config: WorkflowConfig) -> list[store.VoteRow]:
@@ -359,6 +362,19 @@ def apply_pending(sessions: sessionmaker[Session], workflow_id: int, batch_size:
         total += len(subject_ids)
 
 
+class _Clock:
+    """Logs how long each step of a long job took."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.last = time.perf_counter()
+
+    def lap(self, step: str) -> None:
+        now = time.perf_counter()
+        log.info("%s: %s in %.2f s", self.what, step, now - self.last)
+        self.last = now
+
+
 @dataclass(frozen=True)
 class RefitReport:
     snapshot_id: int
@@ -487,7 +503,9 @@ def refit(sessions: sessionmaker[Session], workflow_id: int) -> RefitReport:
 def _refit_answers(
     session: Session, workflow_id: int, config: WorkflowConfig, *, bulk: bool
 ) -> RefitReport:
+    clock = _Clock(f"refit of workflow {workflow_id}")
     table = workflow_votes(session, workflow_id, config)
+    clock.lap(f"read {table.subject_id.size:,} votes")
     keep = votes_that_count(table, config.repeats)
     classes = table.answer
     subjects, s = np.unique(table.subject_id[keep], return_inverse=True)
@@ -511,6 +529,7 @@ def _refit_answers(
         prior_strength=config.priors.confusion_strength,
         class_prior=class_prior(config),
     )
+    clock.lap(f"EM ({result.n_iter} sweeps)")
     snapshot_id = store.save_snapshot(
         session,
         workflow_id,
@@ -523,8 +542,10 @@ def _refit_answers(
         n_iter=result.n_iter,
         converged=result.converged,
     )
+    clock.lap("snapshot saved")
     if bulk:
         write_refit_results(session, workflow_id, config, subjects, s, result.posterior, gold_items)
+        clock.lap(f"{subjects.size:,} subjects written")
         store.mark_pending_after(session, workflow_id, table.last_view_id)
     return RefitReport(
         snapshot_id,

@@ -123,7 +123,11 @@ class View(Base):
 
 
 class Answer(Base):
-    """The value given to a question task: an index (stream, Caesar) or a label (CSV export)."""
+    """The value given to a question task: an index (stream, Caesar) or a label (CSV export).
+
+    Who answered, when and on which workflow version are copied from the classification, so that
+    a refit reads one table instead of joining four.
+    """
 
     __tablename__ = "answers"
     id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
@@ -133,6 +137,10 @@ class Answer(Base):
     task: Mapped[str] = mapped_column(String(64))
     value: Mapped[int | None] = mapped_column(Integer)
     label: Mapped[str | None] = mapped_column(Text)
+    volunteer_id: Mapped[int | None] = mapped_column(Integer)
+    created_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    version_major: Mapped[int | None] = mapped_column(Integer)
+    version_minor: Mapped[int | None] = mapped_column(Integer)
     __table_args__ = (Index("ix_answers_workflow_subject", "workflow_id", "subject_id"),)
 
 

@@ -277,6 +277,10 @@ def _postgres_plan() -> _PostgresPlan | None:
             "task": "a.task",
             "value": "a.value",
             "label": "a.label",
+            "volunteer_id": "f.volunteer_id",
+            "created_at": "f.created_at",
+            "version_major": "f.version_major",
+            "version_minor": "f.version_minor",
         },
         "INSERT INTO {table} ({columns}) SELECT {values} FROM fresh AS f,"
         " ROWS FROM (jsonb_to_recordset(f.answers) AS (task text, value int, label text))"
@@ -677,6 +681,9 @@ def _enrich_duplicates(
             session.execute(
                 update(View).where(View.classification_id == cid).values(volunteer_id=volunteer)
             )
+            session.execute(
+                update(Answer).where(Answer.classification_id == cid).values(volunteer_id=volunteer)
+            )
             view = session.execute(
                 select(View.workflow_id, View.subject_id).where(View.classification_id == cid)
             ).first()
@@ -713,6 +720,7 @@ def _insert_votes(
                 "created_at": p.created_at,
             }
         )
+        version = parse_version(p.workflow_version) or (None, None)
         for a in p.answers:
             answers.append(
                 {
@@ -722,6 +730,10 @@ def _insert_votes(
                     "task": a.task,
                     "value": a.index,
                     "label": a.label,
+                    "volunteer_id": volunteer_ids[p.id],
+                    "created_at": p.created_at,
+                    "version_major": version[0],
+                    "version_minor": version[1],
                 }
             )
         for m in p.marks:
@@ -1085,44 +1097,44 @@ def all_votes(
     min_version: tuple[int, int] | None,
     chunk: int = 100_000,
 ) -> VoteTable:
-    """Every answer to `task` in a workflow, from views up to now, by volunteers not excluded and
-    on workflow versions not older than `min_version`, its class mapped in SQL.
+    """Every answer to `task` in a workflow stored up to now, by volunteers not excluded and on
+    workflow versions not older than `min_version`, its class mapped in SQL.
 
-    One query: on PostgreSQL a binary COPY parsed straight into numpy (every column a bigint, so
-    each row has the same width); elsewhere a streamed select.
+    One query over the answers table alone (answers carry their volunteer, time and version): on
+    PostgreSQL a binary COPY parsed straight into numpy (every column a bigint, so each row has
+    the same width); elsewhere a streamed select.
     """
     last_view_id = int(session.scalar(select(func.coalesce(func.max(View.id), 0))) or 0)
+    last_answer_id = int(session.scalar(select(func.coalesce(func.max(Answer.id), 0))) or 0)
+    excluded = list(session.scalars(select(Volunteer.id).where(Volunteer.excluded.is_(True))))
     by_index = case(class_of_index, value=Answer.value, else_=-1) if class_of_index else literal(-1)
     by_label = case(class_of_label, value=Answer.label, else_=-1) if class_of_label else literal(-1)
     answer = case((Answer.value.is_not(None), by_index), else_=by_label)
     postgres = is_postgres(session)
     created = (
-        cast(func.extract("epoch", View.created_at) * 1_000_000, BigInteger)
+        cast(func.extract("epoch", Answer.created_at) * 1_000_000, BigInteger)
         if postgres
-        else View.created_at
+        else Answer.created_at
     )
-    query = (
-        select(
-            cast(View.classification_id, BigInteger),
-            cast(View.subject_id, BigInteger),
-            cast(View.volunteer_id, BigInteger),
-            created,
-            cast(answer, BigInteger),
-        )
-        .join(Classification, Classification.id == View.classification_id)
-        .join(Answer, (Answer.classification_id == View.classification_id) & (Answer.task == task))
-        .join(Volunteer, Volunteer.id == View.volunteer_id)
-        .where(
-            View.workflow_id == workflow_id,
-            View.id <= last_view_id,
-            Volunteer.excluded.is_(False),
-        )
+    query = select(
+        cast(Answer.classification_id, BigInteger),
+        cast(Answer.subject_id, BigInteger),
+        cast(Answer.volunteer_id, BigInteger),
+        created,
+        cast(answer, BigInteger),
+    ).where(
+        Answer.workflow_id == workflow_id,
+        Answer.task == task,
+        Answer.id <= last_answer_id,
+        Answer.volunteer_id.is_not(None),
     )
+    if excluded:
+        query = query.where(Answer.volunteer_id.not_in(excluded))
     if min_version is not None:
         major, minor = min_version
         query = query.where(
-            (Classification.version_major > major)
-            | ((Classification.version_major == major) & (Classification.version_minor >= minor))
+            (Answer.version_major > major)
+            | ((Answer.version_major == major) & (Answer.version_minor >= minor))
         )
     if postgres:
         columns = _copy_bigints(session, query, 5)
