@@ -205,10 +205,11 @@ def caesar(data: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-EXPORT_COLUMNS = (
-    "classification_id,user_name,user_id,user_ip,workflow_id,workflow_name,workflow_version,"
-    "created_at,gold_standard,expert,metadata,annotations,subject_data,subject_ids"
-).split(",")
+EXPORT_COLUMNS = [
+    *("classification_id", "user_name", "user_id", "user_ip", "workflow_id", "workflow_name"),
+    *("workflow_version", "created_at", "gold_standard", "expert", "metadata", "annotations"),
+    *("subject_data", "subject_ids"),
+]
 
 
 def export_row(
@@ -218,7 +219,7 @@ def export_row(
     label: str = "Yes",
     box: tuple[float, float, float, float] | None = None,
 ) -> dict[str, str]:
-    """One row of a Panoptes classification export: answers as labels, anonymous as not-logged-in."""
+    """One row of a Panoptes classification export: answers as labels, anonymous not logged in."""
     import json
 
     annotations: list[dict[str, Any]] = [

@@ -135,7 +135,7 @@ def settle(service: Service) -> None:
 def test_a_retirement_reaches_each_endpoint_once(
     wired: Service, platform: tuple[Platform, str]
 ) -> None:
-    """One retirement: one Panoptes call with an allowed reason, one signed webhook, one reduction."""
+    """One retirement: one Panoptes call with an allowed reason, one signed webhook, one push."""
     record, url = platform
     client = TestClient(wired.app)
     client.put(f"/v1/workflows/{WF}", json=config(url))

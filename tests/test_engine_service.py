@@ -91,7 +91,7 @@ def test_the_cap_retires_as_classification_count(service: Service) -> None:
 
 
 def test_the_service_equals_gzx_aggregate_after_a_refit(service: Service, tmp_path: Path) -> None:
-    """After a refit, every posterior the API serves equals the offline engine's on the same votes."""
+    """After a refit, every posterior the API serves equals the offline engine's on those votes."""
     client = TestClient(service.app)
     client.put(f"/v1/workflows/{WF}", json=config(kind="none"))
     votes = simulate()

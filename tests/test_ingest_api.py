@@ -89,7 +89,7 @@ def test_a_richer_copy_adds_image_locations_the_first_lacked(
 
 
 def test_both_front_end_generations_give_the_same_box(client: TestClient, service: Service) -> None:
-    """A classic top-left rectangle and a FEM centre rectangle of the same box store equal corners."""
+    """A classic top-left rectangle and a FEM centre rectangle of one box store equal corners."""
     configure(client)
     client.post("/v1/classifications", json=p.classic(31, 400, 1, 0, boxes=[(100, 50, 40, 20)]))
     client.post("/v1/classifications", json=p.fem(32, 400, 2, 0, boxes_centre=[(120, 60, 40, 20)]))

@@ -24,7 +24,7 @@ from workers.context import reset_context
 def rq_service(
     pg_url: str, redis_url: str, redis: Redis, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[Service]:
-    """A service over the real PostgreSQL and Redis; workers in this process read the same settings."""
+    """A service over the real PostgreSQL and Redis; workers here read the same settings."""
     monkeypatch.setenv("GZX_DATABASE_URL", pg_url)
     monkeypatch.setenv("GZX_REDIS_URL", redis_url)
     get_settings.cache_clear()
@@ -97,7 +97,7 @@ def test_a_vote_committed_while_a_job_runs_gets_a_new_job(
 def test_a_killed_worker_and_a_flushed_redis_lose_nothing(
     rq_service: Service, redis: Redis, pg_url: str, redis_url: str
 ) -> None:
-    """`gzx worker` SIGKILLed with jobs queued, Redis flushed: after the sweeper, every vote counts."""
+    """`gzx worker` SIGKILLed with jobs queued, Redis flushed: after the sweeper, all count."""
     import os
     import signal
     import subprocess
