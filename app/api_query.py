@@ -399,9 +399,11 @@ def volunteer_table(session: Session, workflow: Workflow, config: WorkflowConfig
 
 
 def find_volunteer(session: Session, given: str) -> Volunteer:
+    if "\x00" in given or len(given) > 200:  # no key holds these (PostgreSQL refuses NUL)
+        raise NotFound("no volunteer has that key", field="volunteer")
     found = (
         session.get(Volunteer, int(given))
-        if given.isdigit() and len(given) < 19
+        if given.isascii() and given.isdigit() and len(given) < 19
         else session.scalar(select(Volunteer).where(Volunteer.key == given))
     )
     if found is None:
