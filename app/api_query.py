@@ -40,6 +40,7 @@ from app.workflows import WorkflowConfig
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 MAX_PAGE = 1000
+NO_NUL = r"^[^\x00]*$"  # PostgreSQL text cannot hold NUL: such a value is refused as input
 HOUR_BUCKETS_UP_TO = timedelta(days=3)  # longer spans are counted per day
 PAGE_POLICY = (
     "default-src 'self'; img-src * data: blob:; style-src 'self'; script-src 'self'; "
@@ -487,9 +488,10 @@ def add_query_routes(
         cursor: Annotated[str | None, Query(max_length=200)] = None,
         limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
         status: Literal["live", "retired", "contested"] | None = None,
-        label: Annotated[str | None, Query(max_length=200)] = None,
+        label: Annotated[str | None, Query(max_length=200, pattern=NO_NUL)] = None,
         posterior_class: Annotated[
-            str | None, Query(max_length=200, description="the class the bounds apply to")
+            str | None,
+            Query(max_length=200, pattern=NO_NUL, description="the class the bounds apply to"),
         ] = None,
         posterior_min: Annotated[float | None, Query(ge=0, le=1)] = None,
         posterior_max: Annotated[float | None, Query(ge=0, le=1)] = None,
