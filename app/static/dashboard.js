@@ -357,8 +357,14 @@ async function workflowsPage(main) {
     el("td", { text: w.configured ? "" : "not configured" })));
   main.replaceChildren(el("h1", { text: "Workflows" }), card("Every workflow gzx knows",
     workflows.length
-      ? el("table", { "data-table": "workflows" }, el("tr", {}, ...["id", "name", "subjects", "live", "retired", "contested", ""].map((h) => el("th", { text: h }))), ...rows)
+      ? el("table", { "data-table": "workflows" }, el("tr", {}, ...["id", "name", "subjects", "live", "retired", "contested", ""].map(header)), ...rows)
       : el("p", { class: "muted", text: "No workflow yet: PUT /v1/workflows/<id> configures one." })));
+}
+
+const NUMERIC = new Set(["subjects", "live", "retired", "contested", "max P", "views", "votes", "bits / vote", "P(real)", "P(off)", "marks / views"]);
+
+function header(name) {
+  return el("th", { text: name, class: NUMERIC.has(name) ? "num" : null });
 }
 
 function statBox(value, label) {
@@ -399,7 +405,7 @@ function subjectsTable(workflowId, classes) {
     el("button", { type: "submit", text: "filter" }));
   more.addEventListener("click", () => load(false).catch(report));
   const table = el("table", { "data-table": "subjects" },
-    el("thead", {}, el("tr", {}, ...["subject", "status", "label", "max P", "views", "reason", "gold"].map((h) => el("th", { text: h })))), body);
+    el("thead", {}, el("tr", {}, ...["subject", "status", "label", "max P", "views", "reason", "gold"].map(header))), body);
   return { node: el("div", {}, form, table, more), load };
 }
 
@@ -410,13 +416,13 @@ function volunteersTable(page) {
     el("td", { class: "num", text: fmt(v.votes) }),
     el("td", { class: "num", text: fmt(v.information_per_vote_bits) })));
   return el("table", { "data-table": "volunteers" },
-    el("tr", {}, ...["volunteer", "kind", "votes", "bits / vote"].map((h) => el("th", { text: h }))), ...rows);
+    el("tr", {}, ...["volunteer", "kind", "votes", "bits / vote"].map(header)), ...rows);
 }
 
 function auditTable(page) {
   if (!page.items.length) return el("p", { class: "muted", text: "No researcher action recorded yet." });
   return el("table", { "data-table": "audit" },
-    el("tr", {}, ...["when", "who", "action", "target", "why"].map((h) => el("th", { text: h }))),
+    el("tr", {}, ...["when", "who", "action", "target", "why"].map(header)),
     ...page.items.map((a) => el("tr", {}, el("td", { text: a.at.replace("T", " ").slice(0, 19) }), el("td", { text: a.who }),
       el("td", { text: a.action }), el("td", { text: a.target }), el("td", { text: a.reason }))));
 }
@@ -494,7 +500,7 @@ async function subjectPage(main, workflowId, subjectId) {
     el("div", { class: "grid" },
       el("section", { class: "card wide" }, el("h2", { text: "Clusters" }),
         clusterRows.length
-          ? el("table", { "data-table": "clusters" }, el("tr", {}, ...["id", "tool", "P(real)", "P(off)", "marks / views", "", "box x1, y1, x2, y2"].map((h) => el("th", { text: h }))), ...clusterRows)
+          ? el("table", { "data-table": "clusters" }, el("tr", {}, ...["id", "tool", "P(real)", "P(off)", "marks / views", "", "box x1, y1, x2, y2"].map(header)), ...clusterRows)
           : el("p", { class: "muted", text: "No cluster." }))));
 }
 
