@@ -81,7 +81,7 @@ def ids_in_range(request: Request) -> None:
     """Refuse a path id the database cannot hold (422 naming it), not a 500 from the driver."""
     for name, value in request.path_params.items():
         digits = value.lstrip("+-") if isinstance(value, str) else ""
-        if digits.isdigit() and (len(digits) > 19 or int(digits) > INT64_MAX):
+        if digits.isascii() and digits.isdigit() and (len(digits) > 19 or int(digits) > INT64_MAX):
             raise InputError(f"{name} {value[:30]} is out of range", field=name)
 
 

@@ -62,8 +62,15 @@ def parse_gold(
     labels: dict[int, str] = {}
     boxes: dict[int, list[list[float]]] = {}
     for where, subject, label, subject_boxes in rows:
-        if isinstance(subject, bool) or not (
-            isinstance(subject, int) or (isinstance(subject, str) and subject.strip().isdigit())
+        if (
+            isinstance(subject, bool)
+            or not (isinstance(subject, int) and 0 <= subject < 2**63)
+            or (
+                isinstance(subject, str)
+                and subject.strip().isascii()
+                and subject.strip().isdigit()
+                and int(subject) < 2**63
+            )
         ):
             raise InputError(f"{where}: subject id must be an integer", field=f"{where}.subject_id")
         if label is not None:

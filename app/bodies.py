@@ -14,7 +14,7 @@ async def read_limited(request: Request) -> bytes:
     """The request body, refused past the configured size (413)."""
     limit = request.app.state.settings.max_body_bytes
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"body is over the limit of {limit} bytes", field="body")
     chunks: list[bytes] = []
     size = 0

@@ -42,7 +42,7 @@ import uuid
 from array import array
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import IO, Any
 
@@ -64,6 +64,7 @@ from app.models import (
     Volunteer,
     Workflow,
     WorkflowSubject,
+    as_utc,
     utcnow,
 )
 from app.settings import Settings
@@ -717,17 +718,12 @@ def due_exports(session: Session) -> list[int]:
             .order_by(Export.created_at.desc())
             .limit(1)
         ).first()
-        waited = None if last is None else (now - _aware(last.created_at)).total_seconds()
+        waited = None if last is None else (now - as_utc(last.created_at)).total_seconds()
         if last is None or (
             last.status not in ("queued", "running") and float(waited or 0) >= float(interval)
         ):
             due.append(workflow.id)
     return due
-
-
-def _aware(moment: datetime) -> datetime:
-    """SQLite hands datetimes back without their zone; gzx stores UTC."""
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
 def webhook_payload(export: Export) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from rq import Queue
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from app import aggregation, effects, store
+from app import aggregation, effects, exports, store
 from app.api import create_app
 from app.db import make_engine, make_sessionmaker
 from app.ingest import GroupCommitter
@@ -65,6 +65,13 @@ def in_process_dispatcher(
             retries = effects.workflows_with_due_effects(session)
         for workflow_id in retries:
             effects.deliver_effects(sessions, settings, workflow_id)
+        with sessions.begin() as session:
+            scheduled = [
+                exports.create_export(session, w, exports.scheduled_rules(session, w))
+                for w in exports.due_exports(session)
+            ]
+        for export_id in scheduled:
+            exports.write_export(sessions, settings, export_id)
         with sessions() as session:
             return store.workflows_with_pending(session)
 

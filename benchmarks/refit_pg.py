@@ -98,10 +98,13 @@ def build(votes: int, subjects: int, volunteers: int) -> float:
             (WF,),
         )
         conn.execute(
-            "INSERT INTO answers (classification_id, workflow_id, subject_id, task, value)"
+            "INSERT INTO answers (classification_id, workflow_id, subject_id, task, value,"
+            " volunteer_id, created_at, version_major, version_minor)"
             " SELECT gen.id, %s, gen.subject_id, 'T0',"
             " CASE WHEN gen.draw < skill.accuracy THEN gen.subject_id %% 2"
-            " ELSE 1 - gen.subject_id %% 2 END FROM gen JOIN skill ON skill.id = gen.volunteer_id",
+            " ELSE 1 - gen.subject_id %% 2 END, gen.volunteer_id,"
+            " timestamp '2025-01-01' + gen.id * interval '1 ms', 1, 0"
+            " FROM gen JOIN skill ON skill.id = gen.volunteer_id",
             (WF,),
         )
         conn.execute(
@@ -145,6 +148,10 @@ def update_latency(samples: int) -> dict[str, float]:
     from app.workflows import load_config
 
     with psycopg.connect(conninfo(), autocommit=True) as conn:
+        for table in ("answers", "views"):  # a previous run's latency subjects
+            conn.execute(f"DELETE FROM {table} WHERE classification_id >= 9000000000")
+        conn.execute("DELETE FROM classifications WHERE id >= 9000000000")
+        conn.execute("DELETE FROM workflow_subjects WHERE subject_id >= 800000000")
         conn.execute(
             "INSERT INTO classifications (id, workflow_id, volunteer_id, workflow_version,"
             " version_major, version_minor, created_at, received_at, source, subject_ids, raw)"
@@ -159,8 +166,9 @@ def update_latency(samples: int) -> dict[str, float]:
             (WF, samples),
         )
         conn.execute(
-            "INSERT INTO answers (classification_id, workflow_id, subject_id, task, value)"
-            " SELECT 9000000000 + s * 100 + v, %s, 800000000 + s, 'T0', (s + v) %% 2"
+            "INSERT INTO answers (classification_id, workflow_id, subject_id, task, value,"
+            " volunteer_id, created_at, version_major, version_minor)"
+            " SELECT 9000000000 + s * 100 + v, %s, 800000000 + s, 'T0', (s + v) %% 2, v, now(), 1, 0"
             " FROM generate_series(1, %s) s, generate_series(1, 40) v",
             (WF, samples),
         )
@@ -196,8 +204,17 @@ def main() -> None:
     parser.add_argument("--volunteers", type=int, default=20_000)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--latency-samples", type=int, default=300)
+    parser.add_argument(
+        "--reuse", action="store_true", help="keep the database a previous run loaded (migrated)"
+    )
     args = parser.parse_args()
-    load_s = build(args.votes, args.subjects, args.volunteers)
+    if args.reuse:
+        from app.db import migrate
+
+        migrate(PG)
+        load_s = float("nan")
+    else:
+        load_s = build(args.votes, args.subjects, args.volunteers)
     print(f"loaded {args.votes:,} votes in {load_s:.0f} s", flush=True)
     runs = []
     for _ in range(args.runs):
