@@ -497,6 +497,10 @@ def refit(sessions: sessionmaker[Session], workflow_id: int) -> RefitReport:
                 .values(pending=True)
             )
             report = replace(report, mark_snapshot_id=mark_snapshot)
+        started = time.perf_counter()  # the commit of a large refit is a step of its own
+    log.info(
+        "refit of workflow %s: committed in %.2f s", workflow_id, time.perf_counter() - started
+    )
     return report
 
 
@@ -547,6 +551,7 @@ def _refit_answers(
         write_refit_results(session, workflow_id, config, subjects, s, result.posterior, gold_items)
         clock.lap(f"{subjects.size:,} subjects written")
         store.mark_pending_after(session, workflow_id, table.last_view_id)
+        clock.lap("newer votes left pending")
     return RefitReport(
         snapshot_id,
         int(keep.sum()),

@@ -124,8 +124,13 @@ def refit_once() -> tuple[float, float]:
     env["GZX_DATABASE_URL"] = PG
     gzx = Path(sys.executable).with_name("gzx")
     started = time.perf_counter()
-    subprocess.run([str(gzx), "refit", str(WF)], env=env, check=True, capture_output=True)
+    done = subprocess.run(
+        [str(gzx), "refit", str(WF)], env=env, check=True, capture_output=True, text=True
+    )
     seconds = time.perf_counter() - started
+    for line in done.stderr.splitlines():
+        if "refit of workflow" in line:
+            print("  " + line.split(":", 2)[-1].strip(), flush=True)
     peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     return seconds, peak_kb / 1024
 
