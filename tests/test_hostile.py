@@ -377,6 +377,40 @@ def test_caesar_reduce_refuses_ids_it_cannot_hold(hostile: Service, value: Any) 
     assert_refused(response, 422, "extracts[0].workflow_id")
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="app/parsing.py _version checks only unsigned parts (str.isdigit), but "
+    "app/workflows.py parse_version's int() takes a sign: a version_major below the column's "
+    "range overflows the driver (SQLite OverflowError, PostgreSQL integer out of range): 500",
+)
+@pytest.mark.parametrize("version", ["-9223372036854775809", -(2**63) - 1, "-3000000000.1"])
+def test_a_negative_workflow_version_beyond_the_column_is_refused_not_a_500(
+    service: Service, version: Any
+) -> None:
+    """A Caesar body's workflow_version far below zero: 422 naming workflow_version, no 500."""
+    client = client_of(service)
+    body = {**p.caesar(p.classic(1, 1, 1, 0)), "workflow_version": version}
+    assert_refused(client.post("/v1/caesar/extract", json=body), 422, "workflow_version")
+    assert rows(service)["classifications"] == 0
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="app/parsing.py _text (line ~402) calls math.isfinite() on an integer "
+    "workflow_version; 10**400 does not convert to a float: OverflowError, 500",
+)
+@pytest.mark.parametrize("route", ["/v1/classifications", "/v1/caesar/extract"])
+def test_an_integer_workflow_version_too_large_for_a_float_is_refused_not_a_500(
+    hostile: Service, route: str
+) -> None:
+    """workflow_version given as the integer 10**400: 422 naming workflow_version, no 500."""
+    data = p.classic(1, 1, 1, 0)
+    body = p.caesar(data) if "caesar" in route else data
+    body["workflow_version"] = 10**400
+    assert_refused(client_of(hostile).post(route, json=body), 422, "workflow_version")
+    assert rows(hostile)["classifications"] == 0
+
+
 @pytest.mark.parametrize("name", ["../../etc/passwd", "..%2F..%2Fetc%2Fpasswd", "%00"])
 def test_path_traversal_in_a_path_parameter_finds_nothing(hostile: Service, name: str) -> None:
     """A volunteer named like a path (`../../etc/passwd`): a 404 or 422 in gzx's shape."""
