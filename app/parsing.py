@@ -231,6 +231,11 @@ def _check_depth(root: object, limit: int, at: str) -> None:
         elif isinstance(node, list):
             children = list(enumerate(node))
         else:
+            if isinstance(node, float) and not math.isfinite(node):
+                # JSON has no NaN or Infinity (Python's decoder accepts them); nothing stores them.
+                raise InputError(
+                    f"{node} is not a finite number", field=_path_of(entry, at) or None
+                )
             continue
         if depth > limit:
             raise InputError(
@@ -258,7 +263,7 @@ def _plain_copy(node: Any, depth: int, limit: int) -> Any:
             value_kind = type(value)
             if value_kind is dict or value_kind is list:
                 value = _plain_copy(value, depth + 1, limit)
-            elif value_kind not in _ATOMS:
+            elif value_kind not in _ATOMS or (value_kind is float and not math.isfinite(value)):
                 raise _NotPlain
             out[key] = value
         return out
@@ -270,11 +275,11 @@ def _plain_copy(node: Any, depth: int, limit: int) -> Any:
             value_kind = type(value)
             if value_kind is dict or value_kind is list:
                 value = _plain_copy(value, depth + 1, limit)
-            elif value_kind not in _ATOMS:
+            elif value_kind not in _ATOMS or (value_kind is float and not math.isfinite(value)):
                 raise _NotPlain
             items.append(value)
         return items
-    if kind in _ATOMS:
+    if kind in _ATOMS and not (kind is float and not math.isfinite(node)):
         return node
     raise _NotPlain
 
@@ -399,7 +404,9 @@ def _text(value: object, at: str, what: str) -> str | None:
         return None
     if isinstance(value, str):
         return value
-    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) < 2**63:
+        return str(value)
+    if isinstance(value, float) and math.isfinite(value):
         return str(value)
     raise InputError(f"{what} must be a string, got {_kind_of(value)}", field=at)
 
@@ -481,6 +488,8 @@ def _is_size(value: object) -> TypeGuard[int | float]:
 def _version(value: object, at: str) -> str | None:
     """A workflow version such as "18.42"; its numbers must fit the database's integers."""
     text = _text(value, at, "workflow_version")
+    if text is not None and text.lstrip().startswith("-"):
+        raise InputError(f"workflow_version {text!r} is negative", field=at)
     if text is not None:
         for part in text.split(".")[:2]:
             if part.isascii() and part.isdigit() and int(part) > _MAX_INDEX:

@@ -226,10 +226,12 @@ def parse_version(version: str | None) -> tuple[int, int] | None:
     if not version:
         return None
     major, _, minor = str(version).partition(".")
-    try:
-        return int(major), int(minor or 0)
-    except ValueError:
+    minor = minor.partition(".")[0] or "0"
+    if not (major.isascii() and major.isdigit() and minor.isascii() and minor.isdigit()):
+        return None  # not a version number we can compare (negative, or text)
+    if int(major) >= 2**31 or int(minor) >= 2**31:
         return None
+    return int(major), int(minor)
 
 
 def load_config(data: Any) -> WorkflowConfig:

@@ -377,12 +377,6 @@ def test_caesar_reduce_refuses_ids_it_cannot_hold(hostile: Service, value: Any) 
     assert_refused(response, 422, "extracts[0].workflow_id")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="app/parsing.py _version checks only unsigned parts (str.isdigit), but "
-    "app/workflows.py parse_version's int() takes a sign: a version_major below the column's "
-    "range overflows the driver (SQLite OverflowError, PostgreSQL integer out of range): 500",
-)
 @pytest.mark.parametrize("version", ["-9223372036854775809", -(2**63) - 1, "-3000000000.1"])
 def test_a_negative_workflow_version_beyond_the_column_is_refused_not_a_500(
     service: Service, version: Any
@@ -394,11 +388,6 @@ def test_a_negative_workflow_version_beyond_the_column_is_refused_not_a_500(
     assert rows(service)["classifications"] == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="app/parsing.py _text (line ~402) calls math.isfinite() on an integer "
-    "workflow_version; 10**400 does not convert to a float: OverflowError, 500",
-)
 @pytest.mark.parametrize("route", ["/v1/classifications", "/v1/caesar/extract"])
 def test_an_integer_workflow_version_too_large_for_a_float_is_refused_not_a_500(
     hostile: Service, route: str

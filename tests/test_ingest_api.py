@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -221,3 +222,25 @@ def test_metrics_count_ingested_and_duplicates(client: TestClient) -> None:
     text = client.get("/metrics").text
     assert 'gzx_ingested_total{route="panoptes"} 1.0' in text
     assert 'gzx_duplicates_total{route="panoptes"} 1.0' in text
+
+
+def test_a_nan_in_one_events_metadata_is_refused_alone(
+    client: TestClient, service: Service
+) -> None:
+    """NaN anywhere in an event (here its metadata) rejects that event only, naming the field."""
+    configure(client)
+    bad = p.classic(95, 1100, 3, 0)
+    bad["metadata"]["viewport"] = {"width": float("nan")}
+    body = p.batch(
+        p.event(p.classic(94, 1100, 2, 0)), p.event(bad), p.event(p.classic(96, 1100, 4, 1))
+    )
+    text = json.dumps(body)  # Python writes NaN, as a careless sender might
+    response = client.post(
+        "/v1/ingest/kinesis", content=text, headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 200
+    answer = response.json()
+    assert (answer["stored"], answer["rejected"]) == (2, 1)
+    assert answer["errors"][0]["index"] == 1
+    assert answer["errors"][0]["field"].endswith("metadata.viewport.width")
+    assert count(service, Classification) == 2
