@@ -1319,11 +1319,9 @@ class MarkRow:
     box: tuple[float, float, float, float]
 
 
-def subject_marks(
-    session: Session, workflow_id: int, subject_ids: Sequence[int], task: str
-) -> list[MarkRow]:
-    """The marks of a drawing task on these subjects, with who drew them."""
-    query = (
+def _marks_query(workflow_id: int, task: str) -> Any:
+    """Marks of a workflow's drawing task with who drew them, in id order."""
+    return (
         select(
             Mark.id,
             Mark.classification_id,
@@ -1338,13 +1336,24 @@ def subject_marks(
             Mark.y2,
         )
         .join(View, View.classification_id == Mark.classification_id)
-        .where(Mark.workflow_id == workflow_id, Mark.subject_id.in_(subject_ids), Mark.task == task)
+        .where(Mark.workflow_id == workflow_id, Mark.task == task)
         .order_by(Mark.id)
     )
+
+
+def _mark_rows(session: Session, query: Any) -> list[MarkRow]:
     return [
         MarkRow(i, c, s, v, t, f, k, (x1, y1, x2, y2))
         for i, c, s, v, t, f, k, x1, y1, x2, y2 in session.execute(query).all()
     ]
+
+
+def subject_marks(
+    session: Session, workflow_id: int, subject_ids: Sequence[int], task: str
+) -> list[MarkRow]:
+    """The marks of a drawing task on these subjects, with who drew them."""
+    query = _marks_query(workflow_id, task).where(Mark.subject_id.in_(subject_ids))
+    return _mark_rows(session, query)
 
 
 def replace_clusters(
@@ -1457,28 +1466,7 @@ def workflow_views(session: Session, workflow_id: int) -> list[tuple[int, int, i
 
 def workflow_marks(session: Session, workflow_id: int, task: str) -> list[MarkRow]:
     """Every mark of a workflow's drawing task, for refits."""
-    query = (
-        select(
-            Mark.id,
-            Mark.classification_id,
-            Mark.subject_id,
-            View.volunteer_id,
-            Mark.tool,
-            Mark.frame,
-            Mark.kind,
-            Mark.x1,
-            Mark.y1,
-            Mark.x2,
-            Mark.y2,
-        )
-        .join(View, View.classification_id == Mark.classification_id)
-        .where(Mark.workflow_id == workflow_id, Mark.task == task)
-        .order_by(Mark.id)
-    )
-    return [
-        MarkRow(i, c, s, v, t, f, k, (x1, y1, x2, y2))
-        for i, c, s, v, t, f, k, x1, y1, x2, y2 in session.execute(query).all()
-    ]
+    return _mark_rows(session, _marks_query(workflow_id, task))
 
 
 def forget_volunteer(session: Session, volunteer: Volunteer) -> None:
