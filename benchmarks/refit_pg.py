@@ -62,7 +62,8 @@ def build(votes: int, subjects: int, volunteers: int) -> float:
     with psycopg.connect(conninfo(), autocommit=True) as conn:
         conn.execute("SELECT setseed(0.42)")
         conn.execute(
-            "INSERT INTO workflows (id, config, created_at, updated_at) VALUES (%s, %s, now(), now())",
+            "INSERT INTO workflows (id, config, created_at, updated_at)"
+            " VALUES (%s, %s, now(), now())",
             (WF, json.dumps(CONFIG)),
         )
         conn.execute(
@@ -87,13 +88,16 @@ def build(votes: int, subjects: int, volunteers: int) -> float:
         conn.execute(
             "INSERT INTO classifications (id, workflow_id, volunteer_id, workflow_version,"
             " version_major, version_minor, created_at, received_at, source, subject_ids, raw)"
-            " SELECT id, %s, volunteer_id, '1.0', 1, 0, timestamp '2025-01-01' + id * interval '1 ms',"
+            " SELECT id, %s, volunteer_id, '1.0', 1, 0,"
+            " timestamp '2025-01-01' + id * interval '1 ms',"
             " now(), 'bench', '[]', '{}' FROM gen",
             (WF,),
         )
         conn.execute(
-            "INSERT INTO views (classification_id, workflow_id, subject_id, volunteer_id, created_at)"
-            " SELECT id, %s, subject_id, volunteer_id, timestamp '2025-01-01' + id * interval '1 ms'"
+            "INSERT INTO views"
+            " (classification_id, workflow_id, subject_id, volunteer_id, created_at)"
+            " SELECT id, %s, subject_id, volunteer_id,"
+            " timestamp '2025-01-01' + id * interval '1 ms'"
             " FROM gen ORDER BY id",
             (WF,),
         )
@@ -110,7 +114,8 @@ def build(votes: int, subjects: int, volunteers: int) -> float:
         conn.execute(
             "INSERT INTO workflow_subjects (workflow_id, subject_id, pending, status,"
             " n_classifications, n_views, updated_at)"
-            " SELECT %s, subject_id, false, 'live', count(*), count(*), now() FROM gen GROUP BY subject_id",
+            " SELECT %s, subject_id, false, 'live', count(*), count(*), now()"
+            " FROM gen GROUP BY subject_id",
             (WF,),
         )
         conn.execute("DROP TABLE gen")
@@ -160,12 +165,14 @@ def update_latency(samples: int) -> dict[str, float]:
         conn.execute(
             "INSERT INTO classifications (id, workflow_id, volunteer_id, workflow_version,"
             " version_major, version_minor, created_at, received_at, source, subject_ids, raw)"
-            " SELECT 9000000000 + s * 100 + v, %s, v, '1.0', 1, 0, now(), now(), 'bench', '[]', '{}'"
+            " SELECT 9000000000 + s * 100 + v, %s, v, '1.0', 1, 0, now(), now(), 'bench',"
+            " '[]', '{}'"
             " FROM generate_series(1, %s) s, generate_series(1, 40) v",
             (WF, samples),
         )
         conn.execute(
-            "INSERT INTO views (classification_id, workflow_id, subject_id, volunteer_id, created_at)"
+            "INSERT INTO views"
+            " (classification_id, workflow_id, subject_id, volunteer_id, created_at)"
             " SELECT 9000000000 + s * 100 + v, %s, 800000000 + s, v, now()"
             " FROM generate_series(1, %s) s, generate_series(1, 40) v",
             (WF, samples),
@@ -173,7 +180,8 @@ def update_latency(samples: int) -> dict[str, float]:
         conn.execute(
             "INSERT INTO answers (classification_id, workflow_id, subject_id, task, value,"
             " volunteer_id, created_at, version_major, version_minor)"
-            " SELECT 9000000000 + s * 100 + v, %s, 800000000 + s, 'T0', (s + v) %% 2, v, now(), 1, 0"
+            " SELECT 9000000000 + s * 100 + v, %s, 800000000 + s, 'T0', (s + v) %% 2,"
+            " v, now(), 1, 0"
             " FROM generate_series(1, %s) s, generate_series(1, 40) v",
             (WF, samples),
         )
