@@ -340,7 +340,7 @@ def _record_decisions(
             state.update(status="contested")
 
 
-def apply_pending(sessions: sessionmaker[Session], workflow_id: int, batch_size: int = 500) -> int:
+def apply_pending(sessions: sessionmaker[Session], workflow_id: int, batch_size: int = 50) -> int:
     """Apply every pending subject of a workflow, a batch per transaction; returns how many."""
     total = 0
     while True:

@@ -782,7 +782,7 @@ def claim_pending_subjects(session: Session, workflow_id: int, limit: int) -> li
     query = (
         select(WorkflowSubject.subject_id)
         .where(WorkflowSubject.workflow_id == workflow_id, WorkflowSubject.pending.is_(True))
-        .order_by(WorkflowSubject.subject_id)
+        .order_by(WorkflowSubject.updated_at, WorkflowSubject.subject_id)  # least recently touched first
         .limit(limit)
     )
     if is_postgres(session):
