@@ -459,6 +459,7 @@ def demo(
     HTTP, print the classifications saved and the accuracy, then keep serving."""
     from app.demo import run_demo
 
+    logging.getLogger("gzx.aggregation").setLevel(logging.WARNING)  # refit steps: noise here
     for suffix in ("", "-wal", "-shm"):
         Path(f"{database}{suffix}").unlink(missing_ok=True)
     settings = get_settings().model_copy(
