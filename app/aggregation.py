@@ -494,7 +494,7 @@ def refit(sessions: sessionmaker[Session], workflow_id: int) -> RefitReport:
             session.execute(
                 update(WorkflowSubject)
                 .where(WorkflowSubject.workflow_id == workflow_id)
-                .values(pending=True)
+                .values(**store.pending_values())
             )
             report = replace(report, mark_snapshot_id=mark_snapshot)
         started = time.perf_counter()  # the commit of a large refit is a step of its own

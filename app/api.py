@@ -327,7 +327,7 @@ def create_app(
             session.execute(
                 update(WorkflowSubject)
                 .where(WorkflowSubject.workflow_id == workflow_id)
-                .values(pending=True)
+                .values(**store.pending_values())
             )
         dispatcher.notify([workflow_id])
         return {"id": workflow_id, "config": config.to_json(), "config_hash": config.digest()}

@@ -211,7 +211,9 @@ def workflow_apply(
         workflow.updated_at = now
         session.flush()
         session.execute(
-            update(WorkflowSubject).where(WorkflowSubject.workflow_id == wid).values(pending=True)
+            update(WorkflowSubject)
+            .where(WorkflowSubject.workflow_id == wid)
+            .values(**store.pending_values())
         )
     _apply(settings, sessions, [wid])
     console.print(f"workflow {wid} configured (config hash {config.digest()[:12]})")

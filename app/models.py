@@ -171,6 +171,9 @@ class WorkflowSubject(Base):
     workflow_id: Mapped[int] = mapped_column(ForeignKey("workflows.id"), primary_key=True)
     subject_id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
     pending: Mapped[bool] = mapped_column(Boolean, default=True)
+    # When it last became pending (kept while it stays pending): claims take the oldest first,
+    # and the queue-lag metric reads it.
+    pending_since: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     status: Mapped[str] = mapped_column(String(16), default="live")  # live|retired|contested
     n_classifications: Mapped[int] = mapped_column(Integer, default=0)
     n_views: Mapped[int] = mapped_column(Integer, default=0)

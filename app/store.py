@@ -314,11 +314,15 @@ def _postgres_plan() -> _PostgresPlan | None:
             "workflow_id": "workflow_id",
             "subject_id": "subject_id",
             "pending": "true",
+            "pending_since": "%(now)s",
             "updated_at": "%(now)s",
         },
         "INSERT INTO {table} ({columns}) SELECT DISTINCT {values} FROM fresh"
         " ORDER BY workflow_id, subject_id ON CONFLICT (workflow_id, subject_id)"
-        " DO UPDATE SET pending = true, updated_at = excluded.updated_at",
+        " DO UPDATE SET pending = true, updated_at = excluded.updated_at,"
+        " pending_since = CASE WHEN workflow_subjects.pending"
+        " THEN COALESCE(workflow_subjects.pending_since, excluded.pending_since)"
+        " ELSE excluded.pending_since END",
     )
     classification = _insert_plan(
         Classification,
@@ -763,8 +767,15 @@ def mark_subjects_pending(
     session: Session, keys: Iterable[tuple[int, int]], now: datetime | None = None
 ) -> None:
     """Flag (workflow, subject) pairs as needing their posterior recomputed."""
+    moment = now or utcnow()
     rows = [
-        {"workflow_id": w, "subject_id": s, "pending": True, "updated_at": now or utcnow()}
+        {
+            "workflow_id": w,
+            "subject_id": s,
+            "pending": True,
+            "pending_since": moment,
+            "updated_at": moment,
+        }
         for w, s in sorted(set(keys))
     ]
     if not rows:
@@ -772,9 +783,27 @@ def mark_subjects_pending(
     statement = _insert(session, WorkflowSubject)
     statement = statement.on_conflict_do_update(
         index_elements=["workflow_id", "subject_id"],
-        set_={"pending": True, "updated_at": statement.excluded.updated_at},
+        set_={
+            "pending": True,
+            "updated_at": statement.excluded.updated_at,
+            "pending_since": case(
+                (
+                    WorkflowSubject.pending.is_(True),
+                    func.coalesce(WorkflowSubject.pending_since, statement.excluded.pending_since),
+                ),
+                else_=statement.excluded.pending_since,
+            ),
+        },
     )
     session.execute(statement, rows)
+
+
+def pending_values() -> dict[str, Any]:
+    """UPDATE values that make subjects pending, keeping the moment of those already pending."""
+    return {
+        "pending": True,
+        "pending_since": func.coalesce(WorkflowSubject.pending_since, utcnow()),
+    }
 
 
 def claim_pending_subjects(session: Session, workflow_id: int, limit: int) -> list[int]:
@@ -782,7 +811,10 @@ def claim_pending_subjects(session: Session, workflow_id: int, limit: int) -> li
     query = (
         select(WorkflowSubject.subject_id)
         .where(WorkflowSubject.workflow_id == workflow_id, WorkflowSubject.pending.is_(True))
-        .order_by(WorkflowSubject.updated_at, WorkflowSubject.subject_id)  # least recently touched first
+        .order_by(  # longest pending first
+            func.coalesce(WorkflowSubject.pending_since, WorkflowSubject.updated_at),
+            WorkflowSubject.subject_id,
+        )
         .limit(limit)
     )
     if is_postgres(session):
@@ -882,6 +914,7 @@ def save_subject_states(
             )
             .values(
                 pending=False,
+                pending_since=None,
                 updated_at=now,
                 **{k: v for k, v in state.items() if k != "subject_id"},
             )
@@ -1286,7 +1319,7 @@ def mark_pending_after(session: Session, workflow_id: int, last_view_id: int) ->
     session.execute(
         update(WorkflowSubject)
         .where(WorkflowSubject.workflow_id == workflow_id, WorkflowSubject.subject_id.in_(newer))
-        .values(pending=True)
+        .values(**pending_values())
     )
 
 
@@ -1487,10 +1520,9 @@ def find_volunteer(session: Session, given: str) -> Volunteer | None:
 
 
 def oldest_pending_age(session: Session) -> float:
-    """Seconds since the oldest pending subject was marked (0 when nothing waits)."""
-    oldest = session.scalar(
-        select(func.min(WorkflowSubject.updated_at)).where(WorkflowSubject.pending.is_(True))
-    )
+    """Seconds since the subject pending longest became pending (0 when nothing waits)."""
+    since = func.coalesce(WorkflowSubject.pending_since, WorkflowSubject.updated_at)
+    oldest = session.scalar(select(func.min(since)).where(WorkflowSubject.pending.is_(True)))
     if oldest is None:
         return 0.0
     return max(0.0, (utcnow() - as_utc(oldest)).total_seconds())

@@ -244,3 +244,28 @@ def test_a_nan_in_one_events_metadata_is_refused_alone(
     assert answer["errors"][0]["index"] == 1
     assert answer["errors"][0]["field"].endswith("metadata.viewport.width")
     assert count(service, Classification) == 2
+
+
+def test_the_subject_pending_longest_is_claimed_first(client: TestClient, service: Service) -> None:
+    """A later vote keeps a pending subject's place in the queue; applying clears it."""
+    from app import store
+    from app.models import WorkflowSubject
+
+    client.post(
+        "/v1/classifications", json=p.classic(201, 9001, 1, 0)
+    )  # unconfigured: stays pending
+    client.post("/v1/classifications", json=p.classic(202, 9000, 2, 0))
+    client.post("/v1/classifications", json=p.classic(203, 9001, 3, 0))  # 9001 again, later
+    with service.sessions.begin() as session:
+        first = session.get(WorkflowSubject, (p.WORKFLOW, 9001))
+        second = session.get(WorkflowSubject, (p.WORKFLOW, 9000))
+        assert first is not None and second is not None
+        assert first.pending_since is not None and second.pending_since is not None
+        assert first.pending_since <= second.pending_since <= first.updated_at
+        assert store.claim_pending_subjects(session, p.WORKFLOW, 10) == [9001, 9000]
+    configure(client)
+    settle(service)
+    with service.sessions() as session:
+        applied = session.get(WorkflowSubject, (p.WORKFLOW, 9001))
+        assert applied is not None and not applied.pending and applied.pending_since is None
+        assert store.oldest_pending_age(session) == 0.0
