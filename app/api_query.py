@@ -874,6 +874,35 @@ def add_query_routes(
             "retired_label": row.retired_label,
         }
 
+    def act_on_subject(
+        workflow_id: int,
+        subject_id: int,
+        actor: str,
+        reason: str,
+        action: str,
+        change: Callable[[Session, WorkflowSubject], bool],
+    ) -> ActionResult:
+        """Lock the subject, apply `change` (True when it changed anything), audit, answer."""
+        with sessions.begin() as session:
+            _, config = configured(session, workflow_id)
+            row = locked_subject(session, workflow_id, subject_id)
+            before = before_of(row)
+            changed = change(session, row)
+            entry = store.record_audit(
+                session,
+                workflow_id,
+                who=actor,
+                reason=reason,
+                action=action,
+                target=f"subject:{subject_id}",
+                details={"before": before, "after": before_of(row), "changed": changed},
+            )
+            return ActionResult(
+                audit=audit_item(entry),
+                changed=changed,
+                subject=subject_result(session, workflow_id, row, config),
+            )
+
     @app.post(
         "/v1/workflows/{workflow_id}/subjects/{subject_id}/resolve",
         tags=["admin"],
@@ -884,30 +913,19 @@ def add_query_routes(
     ) -> ActionResult:
         """Resolve a contested subject: `confirm` retires it with its current answer (a new
         retirement event, whose effects follow), `reopen` makes it live again."""
-        with sessions.begin() as session:
-            _, config = configured(session, workflow_id)
-            row = locked_subject(session, workflow_id, subject_id)
+
+        def resolve(session: Session, row: WorkflowSubject) -> bool:
             if row.status != "contested":
                 raise Conflict(f"subject {subject_id} is {row.status}, not contested", "status")
-            before = before_of(row)
             if body.decision == "confirm":
                 retire(session, row, row.reason or answers.CONSENSUS)
             else:
                 make_live(row)
-            entry = store.record_audit(
-                session,
-                workflow_id,
-                who=actor,
-                reason=body.reason,
-                action=f"resolve_{body.decision}",
-                target=f"subject:{subject_id}",
-                details={"before": before, "after": before_of(row), "changed": True},
-            )
-            return ActionResult(
-                audit=audit_item(entry),
-                changed=True,
-                subject=subject_result(session, workflow_id, row, config),
-            )
+            return True
+
+        return act_on_subject(
+            workflow_id, subject_id, actor, body.reason, f"resolve_{body.decision}", resolve
+        )
 
     @app.post(
         "/v1/workflows/{workflow_id}/subjects/{subject_id}/retire",
@@ -919,27 +937,14 @@ def add_query_routes(
     ) -> ActionResult:
         """Retire a live subject by hand (reason `other`): a retirement event, whose effects
         follow. Idempotent: a subject already retired (or contested) stays as it is."""
-        with sessions.begin() as session:
-            _, config = configured(session, workflow_id)
-            row = locked_subject(session, workflow_id, subject_id)
-            before = before_of(row)
-            changed = row.status == "live"
-            if changed:
-                retire(session, row, "other")
-            entry = store.record_audit(
-                session,
-                workflow_id,
-                who=actor,
-                reason=body.reason,
-                action="retire",
-                target=f"subject:{subject_id}",
-                details={"before": before, "after": before_of(row), "changed": changed},
-            )
-            return ActionResult(
-                audit=audit_item(entry),
-                changed=changed,
-                subject=subject_result(session, workflow_id, row, config),
-            )
+
+        def retire_live(session: Session, row: WorkflowSubject) -> bool:
+            if row.status != "live":
+                return False
+            retire(session, row, "other")
+            return True
+
+        return act_on_subject(workflow_id, subject_id, actor, body.reason, "retire", retire_live)
 
     @app.post(
         "/v1/workflows/{workflow_id}/subjects/{subject_id}/unretire",
@@ -951,27 +956,14 @@ def add_query_routes(
     ) -> ActionResult:
         """Make a retired (or contested) subject live again; its retirement events stay, and the
         rule decides again at its next vote. Idempotent: a live subject stays live."""
-        with sessions.begin() as session:
-            _, config = configured(session, workflow_id)
-            row = locked_subject(session, workflow_id, subject_id)
-            before = before_of(row)
-            changed = row.status != "live"
-            if changed:
-                make_live(row)
-            entry = store.record_audit(
-                session,
-                workflow_id,
-                who=actor,
-                reason=body.reason,
-                action="unretire",
-                target=f"subject:{subject_id}",
-                details={"before": before, "after": before_of(row), "changed": changed},
-            )
-            return ActionResult(
-                audit=audit_item(entry),
-                changed=changed,
-                subject=subject_result(session, workflow_id, row, config),
-            )
+
+        def unretire(_session: Session, row: WorkflowSubject) -> bool:
+            if row.status == "live":
+                return False
+            make_live(row)
+            return True
+
+        return act_on_subject(workflow_id, subject_id, actor, body.reason, "unretire", unretire)
 
     def set_excluded(
         workflow_id: int, volunteer: str, excluded: bool, reason: str, actor: str
