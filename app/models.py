@@ -216,7 +216,12 @@ class Retirement(Base):
 
 
 class Effect(Base):
-    """What a retirement causes outside (Panoptes retire, webhook, Caesar reduction)."""
+    """What a retirement (or a volunteer's new level) causes outside.
+
+    Subject effects hang off a retirement (Panoptes retire, webhook, Caesar reduction); user
+    effects off a volunteer level (webhook, Caesar user reduction). Each is unique per cause and
+    kind, so it can be retried but never fire twice.
+    """
 
     __tablename__ = "effects"
     id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
@@ -230,7 +235,77 @@ class Effect(Base):
     last_error: Mapped[str | None] = mapped_column(Text)
     payload: Mapped[dict[str, Any] | None] = mapped_column(JSONValue)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    __table_args__ = (UniqueConstraint("retirement_id", "kind", name="uq_effects_retirement_kind"),)
+    level_id: Mapped[int | None] = mapped_column(ForeignKey("volunteer_levels.id"))
+    volunteer_id: Mapped[int | None] = mapped_column(Integer)
+    __table_args__ = (
+        UniqueConstraint("retirement_id", "kind", name="uq_effects_retirement_kind"),
+        UniqueConstraint("level_id", "kind", name="uq_effects_level_kind"),
+    )
+
+
+class VolunteerLevel(Base):
+    """A volunteer reached a level of a workflow (Gravity Spy's promotion): once, never undone.
+
+    `lower` holds the lower ends of the 90% intervals of the volunteer's per-class accuracy at the
+    moment the level was reached; `votes` their number of votes then.
+    """
+
+    __tablename__ = "volunteer_levels"
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    workflow_id: Mapped[int] = mapped_column(ForeignKey("workflows.id"))
+    volunteer_id: Mapped[int] = mapped_column(ForeignKey("volunteers.id"))
+    level: Mapped[str] = mapped_column(String(64))
+    lower: Mapped[dict[str, Any]] = mapped_column(JSONValue, default=dict)
+    votes: Mapped[int] = mapped_column(Integer, default=0)
+    reached_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    __table_args__ = (
+        UniqueConstraint("workflow_id", "volunteer_id", "level", name="uq_volunteer_levels"),
+    )
+
+
+class MachineModel(Base):
+    """One version of a model that classifies as a volunteer (`ml:<model>@<version>`).
+
+    `training_subjects` lists the subjects of the export it was trained on (train and validation
+    splits): its predictions there are kept for calibration but never counted as votes.
+    """
+
+    __tablename__ = "machine_models"
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    workflow_id: Mapped[int] = mapped_column(ForeignKey("workflows.id"))
+    volunteer_id: Mapped[int] = mapped_column(ForeignKey("volunteers.id"))
+    model: Mapped[str] = mapped_column(String(100))
+    version: Mapped[str] = mapped_column(String(64))
+    export_id: Mapped[str | None] = mapped_column(String(36))
+    training_subjects: Mapped[list[Any]] = mapped_column(JSONValue, default=list)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    __table_args__ = (
+        UniqueConstraint("workflow_id", "volunteer_id", name="uq_machine_models_volunteer"),
+    )
+
+
+class Prediction(Base):
+    """A machine volunteer's output for one subject: class probabilities and/or scored boxes.
+
+    Unique per model version and subject. `classification_id` is the classification it entered as
+    (None when the subject was in the model's training export).
+    """
+
+    __tablename__ = "predictions"
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    workflow_id: Mapped[int] = mapped_column(BigInteger)
+    subject_id: Mapped[int] = mapped_column(BigInteger)
+    volunteer_id: Mapped[int] = mapped_column(Integer)
+    classification_id: Mapped[int | None] = mapped_column(BigInteger)
+    probabilities: Mapped[dict[str, Any] | None] = mapped_column(JSONValue)
+    boxes: Mapped[list[Any] | None] = mapped_column(JSONValue)
+    in_training: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    __table_args__ = (
+        UniqueConstraint(
+            "workflow_id", "volunteer_id", "subject_id", name="uq_predictions_model_subject"
+        ),
+    )
 
 
 class Export(Base):

@@ -3,6 +3,10 @@
 #
 # 1. creates .venv if missing and installs the project with its test extra
 #    (again whenever pyproject.toml changes; GZX_FORCE_INSTALL=1 forces it);
+# 1b. installs the `train` extra (torch, torchvision) once into an environment kept
+#    outside the clone (GZX_TRAIN_ENV_DIR, default ~/.cache/gzx), keyed on that
+#    extra's dependency list, and puts it on .venv's path; GZX_TRAIN_TESTS=0 skips it
+#    (the trainer tests then skip themselves);
 # 2. installs Debian's chromium for the browser tests unless GZX_BROWSER_TESTS=0;
 # 3. finds or starts PostgreSQL and Redis (scripts/test-services.sh) and exports
 #    GZX_TEST_DATABASE_URL / GZX_TEST_REDIS_URL;
@@ -28,6 +32,30 @@ if [ "${GZX_FORCE_INSTALL:-0}" != 0 ] || [ ! -f "$stamp" ] || [ "$(cat "$stamp")
     .venv/bin/pip install -q --disable-pip-version-check -e '.[test]' \
         || die "pip install -e '.[test]' failed"
     echo "$want" >"$stamp"
+fi
+
+# --- 1b. the train extra, outside the clone so that a CI run pays for it once
+pth=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/gzx-train-extra.pth
+if [ "${GZX_TRAIN_TESTS:-1}" != 0 ]; then
+    train_deps=$(.venv/bin/python -c 'import tomllib
+with open("pyproject.toml", "rb") as f:
+    print(" ".join(tomllib.load(f)["project"]["optional-dependencies"]["train"]))')
+    train_key=$({ echo "$train_deps"; python3 -V; uname -m; } | sha256sum | cut -c1-16)
+    train_env=${GZX_TRAIN_ENV_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/gzx}/train-$train_key
+    if [ ! -f "$train_env/.gzx-complete" ]; then
+        log "installing the train extra ($train_deps) into $train_env (once; several GB)"
+        rm -rf "$train_env"
+        python3 -m venv "$train_env" || die "python3 -m venv $train_env failed"
+        # shellcheck disable=SC2086  # the list is split on purpose
+        "$train_env/bin/pip" install -q --disable-pip-version-check $train_deps \
+            || die "pip install of the train extra into $train_env failed (GZX_TRAIN_TESTS=0 skips it)"
+        touch "$train_env/.gzx-complete"
+    fi
+    "$train_env/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' >"$pth"
+    .venv/bin/python -c 'import torch, torchvision' \
+        || die "torch/torchvision from $train_env do not import in .venv"
+else
+    rm -f "$pth"
 fi
 
 # --- 2. chromium for the browser tests
