@@ -27,6 +27,12 @@ class Settings(BaseSettings):
     caesar_secret: str | None = Field(default=None, repr=False)
     ip_salt: str = Field(default="gzx-default-salt", repr=False)
     export_dir: Path = Path("exports")
+    # The train queue (workers/train.py): subject images named "<subject id>.<ext>" (in
+    # images_dir/<workflow id>/ when that exists), trained models, and where predictions go.
+    images_dir: Path = Path("images")
+    model_dir: Path = Path("models")
+    api_url: str | None = None
+    api_token: str | None = Field(default=None, repr=False)
     panoptes_endpoint: str = "https://www.zooniverse.org"
     panoptes_client_id: str | None = None
     panoptes_client_secret: str | None = Field(default=None, repr=False)

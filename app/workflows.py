@@ -152,7 +152,7 @@ class Exports(ExportRules):
     schedule_interval_s: float | None = Field(default=None, gt=0)
     webhook_url: str | None = Field(default=None, pattern=r"^https?://")
     webhook_secret: str | None = None
-    train_job: str = Field(default="trainer.train_on_export", pattern=r"^[A-Za-z_][\w.]*$")
+    train_job: str = Field(default="workers.train.train_on_export", pattern=r"^[A-Za-z_][\w.]*$")
 
     def rules(self) -> ExportRules:
         return ExportRules.model_validate(self.model_dump(include=set(ExportRules.model_fields)))

@@ -363,7 +363,7 @@ def test_run_schedules_exports_a_due_workflow_and_queues_a_train_job(
         assert [e.status for e in done] == ["done"]
         train = Queue("train", connection=redis).jobs
         assert len(train) == 1 and train[0].args == (done[0].id,)
-        assert train[0].func_name == "trainer.train_on_export"
+        assert train[0].func_name == "workers.train.train_on_export"
         jobs.run_schedules()
         assert Queue("exports", connection=redis).count == 0
     finally:
