@@ -559,3 +559,83 @@ def export(
         f"expected purity {manifest['expected_purity']}, completeness "
         f"{manifest['expected_completeness']} -> {out}"
     )
+
+
+# --- the detector trainer (the `train` extra: torch and torchvision, imported inside) ----------
+
+
+@cli.command("train")
+def train_detector(
+    export_dir: Annotated[Path, typer.Argument(help="A gzx export (coco_train.json, ...).")],
+    images: Annotated[Path, typer.Option(help="Folder of images named as the export names them.")],
+    out: Annotated[Path, typer.Option(help="Model directory to write.")],
+    init: Annotated[
+        Path | None, typer.Option(help="State dict to start from (whole model or backbone).")
+    ] = None,
+    epochs: Annotated[int | None, typer.Option(help="Passes over the training set.")] = None,
+    iterations: Annotated[int | None, typer.Option(help="Optimiser steps (caps epochs).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Images a step.")] = 8,
+    seed: Annotated[int, typer.Option(help="Seed of initial weights and shuffling.")] = 0,
+    name: Annotated[str, typer.Option(help="Model name (the machine volunteer's).")] = "gzx-frcnn",
+    version: Annotated[
+        str | None, typer.Option(help="Model version (default: a UTC stamp).")
+    ] = None,
+    export_id: Annotated[
+        str | None, typer.Option(help="The export's id, when EXPORT_DIR is not named by it.")
+    ] = None,
+    backbone: Annotated[
+        str, typer.Option(help="small (default, from scratch) or resnet18/34/50 (for --init).")
+    ] = "small",
+) -> None:
+    """Train a Faster R-CNN detector on a COCO export; report completeness and purity on its
+    validation split; write OUT/model.pt, metrics.json and model.json."""
+    from app.train import detector
+
+    metrics = detector.train(
+        export_dir,
+        images,
+        out,
+        init=init,
+        epochs=epochs,
+        iterations=iterations,
+        batch_size=batch_size,
+        seed=seed,
+        name=name,
+        version=version,
+        export_id=export_id,
+        backbone=backbone,
+        log=console.print,
+    )
+    console.print(detector.describe_metrics(metrics))
+
+
+@cli.command("predict")
+def predict_detector(
+    model_dir: Annotated[Path, typer.Argument(help="A model directory written by `gzx train`.")],
+    images: Annotated[Path, typer.Option(help="Folder of images named <subject id>.<ext>.")],
+    subjects: Annotated[
+        Path | None, typer.Option(help="File of subject ids (one a line); default: every image.")
+    ] = None,
+    post: Annotated[
+        str | None, typer.Option(help="Full URL of POST /v1/workflows/{id}/predictions.")
+    ] = None,
+    token: Annotated[
+        str | None, typer.Option(envvar="GZX_TOKEN", help="Bearer token (ingest scope).")
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Write the predictions JSON here.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Images a forward pass.")] = 16,
+) -> None:
+    """Run a trained detector on images; post its boxes as a machine volunteer, or write them."""
+    from app.train import common, detector
+
+    if post is None and out is None:
+        raise InputError("give --post URL or --out FILE", field="post")
+    ids = common.read_subject_ids(subjects) if subjects is not None else None
+    body = detector.predict(model_dir, images, subjects=ids, batch_size=batch_size)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(common.dumps(body))
+        console.print(f"{len(body['predictions'])} predictions -> {out}")
+    if post is not None:
+        answers = common.post_predictions(post, token, body)
+        console.print(common.describe_answers(answers))
