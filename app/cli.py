@@ -624,6 +624,7 @@ def predict_detector(
     ] = None,
     out: Annotated[Path | None, typer.Option(help="Write the predictions JSON here.")] = None,
     batch_size: Annotated[int, typer.Option(help="Images a forward pass.")] = 16,
+    chunk: Annotated[int, typer.Option(help="Predictions a request (at most 10,000).")] = 1000,
 ) -> None:
     """Run a trained detector on images; post its boxes as a machine volunteer, or write them."""
     from app.train import common, detector
@@ -637,5 +638,7 @@ def predict_detector(
         out.write_text(common.dumps(body))
         console.print(f"{len(body['predictions'])} predictions -> {out}")
     if post is not None:
-        answers = common.post_predictions(post, token, body)
+        if not 1 <= chunk <= 10_000:
+            raise InputError("chunk must be between 1 and 10000", field="chunk")
+        answers = common.post_predictions(post, token, body, chunk=chunk)
         console.print(common.describe_answers(answers))

@@ -33,6 +33,8 @@ class Settings(BaseSettings):
     model_dir: Path = Path("models")
     api_url: str | None = None
     api_token: str | None = Field(default=None, repr=False)
+    train_epochs: int = Field(default=10, ge=1)
+    train_iterations: int | None = Field(default=None, ge=1)  # caps the epochs when set
     panoptes_endpoint: str = "https://www.zooniverse.org"
     panoptes_client_id: str | None = None
     panoptes_client_secret: str | None = Field(default=None, repr=False)

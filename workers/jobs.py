@@ -91,7 +91,9 @@ def write_export_job(export_id: str) -> str:
     status = exports.write_export(ctx.sessions, ctx.settings, export_id)
     settings = exports.notify_done(ctx.sessions, export_id) if status == "done" else None
     if settings is not None and ctx.redis is not None:
-        Queue(TRAIN_QUEUE, connection=ctx.redis).enqueue(settings["train_job"], export_id)
+        Queue(TRAIN_QUEUE, connection=ctx.redis).enqueue(  # training outlasts RQ's 180 s default
+            settings["train_job"], export_id, job_timeout=24 * 3600
+        )
     return status
 
 

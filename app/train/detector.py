@@ -121,7 +121,7 @@ def default_arch(
         raise InputError(f"backbone must be one of {', '.join(BACKBONES)}", field="backbone")
     return {
         "backbone": backbone,
-        "channels": [32, 64, 128],
+        "channels": [16, 48, 96],
         "num_classes": n_categories + 1,
         "anchor_sizes": anchor_sizes(samples, 3 if backbone == "small" else 5),
         "aspect_ratios": [0.5, 1.0, 2.0],
@@ -184,7 +184,7 @@ def build_model(arch: dict[str, Any]) -> Any:
         names = ["0", "1", "2", "3"]
         anchors = AnchorGenerator(tuple((s,) for s in arch["anchor_sizes"]), (ratios,) * 5)
     out_channels = int(backbone.out_channels)
-    pool = MultiScaleRoIAlign(featmap_names=names, output_size=7, sampling_ratio=2)
+    pool = MultiScaleRoIAlign(featmap_names=names, output_size=7, sampling_ratio=1)
     width = int(arch["representation"])
     return FasterRCNN(
         backbone,
@@ -202,7 +202,7 @@ def build_model(arch: dict[str, Any]) -> Any:
         rpn_pre_nms_top_n_test=300,
         rpn_post_nms_top_n_test=150,
         rpn_batch_size_per_image=128,
-        box_batch_size_per_image=128,
+        box_batch_size_per_image=64,
         box_detections_per_img=50,
         box_score_thresh=0.01,
     )
