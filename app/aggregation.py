@@ -18,7 +18,7 @@ import numpy.typing as npt
 from sqlalchemy import text, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from app import answers, clusters, marks, parsing, store
+from app import answers, clusters, levels, marks, parsing, store
 from app.errors import InputError
 from app.models import Retirement, Workflow, WorkflowSubject, as_utc, utcnow
 from app.workflows import WorkflowConfig, load_config
@@ -269,6 +269,7 @@ def update_subjects(
         final = np.where(~combined & (votes.n_views >= cap), answers.CLASSIFICATION_COUNT, final)
     final = np.where(is_gold | (votes.n_views < config.retirement.min_views), "", final)
     _record_decisions(session, workflow, subject_ids, states, final, votes.n_views)
+    levels.evaluate_after_apply(session, workflow.id, config, subject_ids, gold)  # views unapplied
     store.save_subject_states(session, workflow.id, states)
     return states
 
@@ -489,6 +490,7 @@ def refit(sessions: sessionmaker[Session], workflow_id: int) -> RefitReport:
         report = RefitReport(0, 0, 0, 0, 0, True)
         if config.question is not None:
             report = _refit_answers(session, workflow_id, config, bulk=config.drawing is None)
+            levels.evaluate(session, workflow_id, config)  # every volunteer, on the new skills
         if config.drawing is not None:
             mark_snapshot = _refit_marks(session, workflow, config)
             session.execute(

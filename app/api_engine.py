@@ -14,7 +14,7 @@ from fastapi import Depends, FastAPI
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from app import aggregation, answers, clusters, marks, store
+from app import aggregation, answers, clusters, levels, marks, store
 from app.auth import Authenticator
 from app.bodies import JsonBody, RawBody
 from app.errors import InputError, NotFound
@@ -302,8 +302,9 @@ def add_engine_routes(
         dependencies=[Depends(auth.require("read"))],
     )
     def get_volunteer(workflow_id: int, volunteer: str) -> dict[str, Any]:
-        """A volunteer's confusion matrix with 90% intervals, votes, gold votes and the
-        information per vote (bits). `volunteer` is gzx's id or a key such as `user:123`."""
+        """A volunteer's confusion matrix with 90% intervals, votes, gold votes, the
+        information per vote (bits) and the levels reached (at most 100, in the order reached).
+        `volunteer` is gzx's id or a key such as `user:123`."""
         with sessions() as session:
             workflow, config = configured(session, workflow_id)
             found = (
@@ -340,4 +341,5 @@ def add_engine_routes(
                 "votes": int(n_votes or 0),
                 "gold_votes": int(n_gold or 0),
                 "marks": _mark_skill(session, workflow, config, found.id),
+                "levels": levels.levels_of(session, workflow_id, found.id, config),
             }

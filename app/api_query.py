@@ -30,7 +30,7 @@ from pydantic import BaseModel, Field, field_validator
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from app import aggregation, answers, store
+from app import aggregation, answers, levels, store
 from app.api_engine import configured
 from app.auth import READ_COOKIE, Authenticator
 from app.bodies import read_limited
@@ -229,6 +229,28 @@ class AuditPage(BaseModel):
     workflow_id: int
     items: list[AuditItem]
     next_cursor: str | None
+
+
+class LevelItem(BaseModel):
+    """A level a volunteer reached: once, never undone."""
+
+    id: int = Field(description="in the order levels were reached")
+    volunteer_id: int
+    volunteer: str = Field(description="the volunteer's key, e.g. user:123")
+    user_id: int | None = Field(description="the platform's user id (null once forgotten)")
+    level: str
+    level_number: int | None = Field(description="1 = the first configured level; null: removed")
+    lower_90: dict[str, float] = Field(
+        description="per class, the lower end of the 90% interval of P(answer = k | truth = k)"
+    )
+    votes: int = Field(description="the votes that skill rested on when the level was reached")
+    reached_at: datetime
+
+
+class LevelPage(BaseModel):
+    workflow_id: int
+    items: list[LevelItem]
+    next_cursor: str | None = Field(description="pass as `cursor` for the next page; null: done")
 
 
 class ActionResult(BaseModel):
@@ -814,6 +836,36 @@ def add_query_routes(
                 positive_class=positive_class(config),
                 trajectories=result,
             )
+
+    @app.get("/v1/workflows/{workflow_id}/levels", tags=["volunteers"], dependencies=read)
+    def list_levels(
+        workflow_id: int,
+        level: Annotated[str | None, Query(min_length=1, max_length=64, pattern=NO_NUL)] = None,
+        cursor: Annotated[str | None, Query(max_length=200)] = None,
+        limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
+    ) -> LevelPage:
+        """Who reached which volunteer level and when (Gravity Spy's promotions), in the order
+        reached, `limit` a page, optionally one `level` only."""
+        after = int(decode_cursor(cursor, ("after",))["after"]) if cursor else None
+        with sessions() as session:
+            _, config = configured(session, workflow_id)
+            rows = levels.levels_page(session, workflow_id, after, limit, level)
+            items = [
+                LevelItem(
+                    id=row.id,
+                    volunteer_id=volunteer.id,
+                    volunteer=volunteer.key,
+                    user_id=volunteer.platform_user_id,
+                    **levels.describe(row, config),
+                )
+                for row, volunteer in rows
+            ]
+        more = len(items) == limit
+        return LevelPage(
+            workflow_id=workflow_id,
+            items=items,
+            next_cursor=encode_cursor({"after": items[-1].id}) if more else None,
+        )
 
     @app.get("/v1/workflows/{workflow_id}/audit", tags=["admin"], dependencies=read)
     def list_audit(

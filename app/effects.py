@@ -7,6 +7,12 @@ backoff; one that succeeded is never sent again. Delivery is at-least-once only 
 between the send and the commit of its status (Panoptes' retire is idempotent; webhooks carry an
 Idempotency-Key). With `dry_run`, or for subjects the platform had already retired, effects are
 recorded as skipped and nothing is sent, so a backfill cannot flood Panoptes.
+
+A volunteer's new level (`app.levels`) is a cause too: user effects hang off the level row (one
+per level and kind, like retirements' per retirement and kind): a signed webhook (event
+"volunteer.level") and a PUT to Caesar's user-reductions API, whose data lets a Caesar user rule
+with the `promote_user` effect move the volunteer to a harder workflow. They share the outbox,
+the claim with SKIP LOCKED, the retries and the backoff; `dry_run` records them as skipped.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import httpx
@@ -27,7 +33,16 @@ from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from app import store
-from app.models import Effect, Retirement, Subject, Workflow, utcnow
+from app.levels import describe, level_number
+from app.models import (
+    Effect,
+    Retirement,
+    Subject,
+    Volunteer,
+    VolunteerLevel,
+    Workflow,
+    utcnow,
+)
 from app.settings import Settings
 from app.workflows import WorkflowConfig, load_config
 
@@ -43,6 +58,8 @@ PANOPTES_REASONS = {
 }
 MAX_ATTEMPTS = 8
 BATCH = 100
+LEVEL_WEBHOOK = "level_webhook"
+LEVEL_CAESAR = "caesar_user"
 
 
 def backoff(attempts: int) -> timedelta:
@@ -104,6 +121,59 @@ def materialize(session: Session, workflow_id: int, config: WorkflowConfig) -> i
     return len(rows)
 
 
+def level_kinds_of(config: WorkflowConfig) -> list[str]:
+    """The user effects of a new level: a webhook and a Caesar user reduction, as configured."""
+    kinds = []
+    if config.effects.webhook_url:
+        kinds.append(LEVEL_WEBHOOK)
+    if config.effects.caesar_url:
+        kinds.append(LEVEL_CAESAR)
+    return kinds
+
+
+def materialize_levels(session: Session, workflow_id: int, config: WorkflowConfig) -> int:
+    """One effect row per configured kind for every recorded level that has none yet.
+
+    A forgotten volunteer's level is skipped: the platform id it would carry is erased.
+    """
+    kinds = level_kinds_of(config)
+    if not kinds:
+        return 0
+    query = (
+        select(VolunteerLevel.id, VolunteerLevel.volunteer_id, Volunteer.platform_user_id)
+        .join(Volunteer, Volunteer.id == VolunteerLevel.volunteer_id)
+        .outerjoin(Effect, Effect.level_id == VolunteerLevel.id)
+        .where(VolunteerLevel.workflow_id == workflow_id, Effect.id.is_(None))
+        .order_by(VolunteerLevel.id)
+    )
+    rows = []
+    now = utcnow()
+    for level_id, volunteer_id, user_id in session.execute(query).all():
+        why = "dry run" if config.effects.dry_run else None
+        if why is None and user_id is None:
+            why = "volunteer forgotten"
+        for kind in kinds:
+            rows.append(
+                {
+                    "level_id": level_id,
+                    "volunteer_id": volunteer_id,
+                    "workflow_id": workflow_id,
+                    "kind": kind,
+                    "status": "skipped" if why else "pending",
+                    "attempts": 0,
+                    "next_attempt_at": now,
+                    "last_error": why,
+                    "created_at": now,
+                }
+            )
+    if rows:
+        statement = store._insert(session, Effect).on_conflict_do_nothing(
+            index_elements=["level_id", "kind"]
+        )
+        session.execute(statement, rows)
+    return len(rows)
+
+
 @dataclass(frozen=True)
 class Due:
     effect: Effect
@@ -126,6 +196,45 @@ def claim_due(session: Session, workflow_id: int, limit: int = 500) -> list[Due]
     if store.is_postgres(session):
         query = query.with_for_update(skip_locked=True, of=Effect)
     return [Due(e, r) for e, r in session.execute(query).all()]
+
+
+@dataclass(frozen=True)
+class LevelDue:
+    effect: Effect
+    level: VolunteerLevel
+    volunteer: Volunteer
+
+
+def claim_due_levels(session: Session, workflow_id: int, limit: int = 500) -> list[LevelDue]:
+    """User effects of levels that are due, locked for this deliverer (others skip them)."""
+    now = utcnow()
+    query = (
+        select(Effect, VolunteerLevel, Volunteer)
+        .join(VolunteerLevel, VolunteerLevel.id == Effect.level_id)
+        .join(Volunteer, Volunteer.id == VolunteerLevel.volunteer_id)
+        .where(
+            Effect.workflow_id == workflow_id,
+            or_(Effect.status == "pending", Effect.status == "failed"),
+            or_(Effect.next_attempt_at.is_(None), Effect.next_attempt_at <= now),
+        )
+        .order_by(Effect.id)
+        .limit(limit)
+    )
+    if store.is_postgres(session):
+        query = query.with_for_update(skip_locked=True, of=Effect)
+    return [LevelDue(e, level, v) for e, level, v in session.execute(query).all()]
+
+
+def settle(effect: Effect, error: Exception | None, now: datetime) -> bool:
+    """Record one attempt: done, or failed (dead after MAX_ATTEMPTS) with its next try."""
+    effect.attempts += 1
+    if error is None:
+        effect.status, effect.last_error = "done", None
+        return True
+    effect.status = "dead" if effect.attempts >= MAX_ATTEMPTS else "failed"
+    effect.last_error = str(error)[:500]
+    effect.next_attempt_at = now + backoff(effect.attempts)
+    return False
 
 
 Sender = Callable[[str, Sequence[Due]], None]
@@ -195,15 +304,9 @@ def deliver(
     def outcome(items: Sequence[Due], error: Exception | None) -> None:
         nonlocal sent, failed
         for item in items:
-            item.effect.attempts += 1
-            if error is None:
-                item.effect.status, item.effect.last_error = "done", None
+            if settle(item.effect, error, now):
                 sent += 1
             else:
-                dead = item.effect.attempts >= MAX_ATTEMPTS
-                item.effect.status = "dead" if dead else "failed"
-                item.effect.last_error = str(error)[:500]
-                item.effect.next_attempt_at = now + backoff(item.effect.attempts)
                 failed += 1
 
     by_kind: dict[str, list[Due]] = defaultdict(list)
@@ -271,6 +374,93 @@ def push_to_caesar(
         raise RuntimeError(f"Caesar answered {response.status_code}")
 
 
+def level_event(item: LevelDue, config: WorkflowConfig) -> dict[str, Any]:
+    """The webhook body of a new level."""
+    return {
+        "event": "volunteer.level",
+        "workflow_id": item.level.workflow_id,
+        "volunteer_id": item.volunteer.id,
+        "volunteer": item.volunteer.key,
+        "user_id": item.volunteer.platform_user_id,
+        **describe(item.level, config),
+    }
+
+
+def user_reduction(session: Session, item: LevelDue, config: WorkflowConfig) -> dict[str, Any]:
+    """The data of the volunteer's Caesar user reduction: their HIGHEST level now, not the level
+    of this effect, so a retried push of an earlier level can never move Caesar backwards."""
+    rows = session.scalars(
+        select(VolunteerLevel).where(
+            VolunteerLevel.workflow_id == item.level.workflow_id,
+            VolunteerLevel.volunteer_id == item.volunteer.id,
+        )
+    ).all()
+    known = [r for r in rows if level_number(config, r.level) is not None]
+    best = max(known, key=lambda r: level_number(config, r.level) or 0, default=item.level)
+    return {
+        **describe(best, config),
+        "levels": [
+            r.level for r in sorted(known, key=lambda r: level_number(config, r.level) or 0)
+        ],
+        "volunteer": item.volunteer.key,
+    }
+
+
+def push_user_reduction(
+    settings: Settings, config: WorkflowConfig, workflow_id: int, user_id: int, data: dict[str, Any]
+) -> None:
+    """PUT a volunteer's reduction to Caesar's user-reductions API; Caesar re-runs its user rules
+    (and so `promote_user`) when the data changed."""
+    url = (
+        f"{(config.effects.caesar_url or '').rstrip('/')}/workflows/{workflow_id}"
+        f"/user_reductions/{config.effects.caesar_user_reducer_key}"
+    )
+    body = {"reduction": {"user_id": user_id, "subgroup": "_default", "data": data}}
+    headers = {"Authorization": f"Bearer {settings.caesar_token}"} if settings.caesar_token else {}
+    response = httpx.put(url, json=body, headers=headers, timeout=10)
+    if response.status_code >= 300:
+        raise RuntimeError(f"Caesar answered {response.status_code}")
+
+
+def deliver_levels(
+    session: Session,
+    settings: Settings,
+    workflow_id: int,
+    config: WorkflowConfig,
+    due: list[LevelDue],
+) -> dict[str, int]:
+    """Send due user effects of levels; record success, or failure with the next try's time."""
+    now = utcnow()
+    sent = failed = 0
+    for item in due:
+        error: Exception | None = None
+        try:
+            user_id = item.volunteer.platform_user_id
+            if user_id is None or item.volunteer.kind != "user":
+                item.effect.status, item.effect.last_error = "skipped", "volunteer forgotten"
+                continue
+            if item.effect.kind == LEVEL_WEBHOOK:
+                _signed_post(
+                    config.effects.webhook_url or "",
+                    config.effects.webhook_secret,
+                    level_event(item, config),
+                    f"gzx-effect-{item.effect.id}",
+                )
+            elif item.effect.kind == LEVEL_CAESAR:
+                data = user_reduction(session, item, config)
+                push_user_reduction(settings, config, workflow_id, user_id, data)
+            else:
+                raise RuntimeError(f"unknown user effect {item.effect.kind!r}")
+        except Exception as caught:  # every failure is recorded and retried
+            log.warning("user effect %s failed: %s", item.effect.id, caught)
+            error = caught
+        if settle(item.effect, error, now):
+            sent += 1
+        else:
+            failed += 1
+    return {"sent": sent, "failed": failed}
+
+
 def deliver_effects(
     sessions: sessionmaker[Session], settings: Settings, workflow_id: int
 ) -> dict[str, int]:
@@ -282,15 +472,23 @@ def deliver_effects(
             return total
         config = load_config(workflow.config)
         total["created"] = materialize(session, workflow_id, config)
+        total["created"] += materialize_levels(session, workflow_id, config)
     while True:
         with sessions.begin() as session:
             due = claim_due(session, workflow_id)
-            if not due:
+            due_levels = claim_due_levels(session, workflow_id)
+            if not due and not due_levels:
                 return total
-            result = deliver(session, settings, workflow_id, config, due)
-        total["sent"] += result["sent"]
-        total["failed"] += result["failed"]
-        if result["sent"] == 0:
+            results = [
+                deliver(session, settings, workflow_id, config, due) if due else {},
+                deliver_levels(session, settings, workflow_id, config, due_levels)
+                if due_levels
+                else {},
+            ]
+        sent = sum(r.get("sent", 0) for r in results)
+        total["sent"] += sent
+        total["failed"] += sum(r.get("failed", 0) for r in results)
+        if sent == 0:
             return total  # everything due failed: the backoff decides when to try again
 
 
@@ -314,5 +512,19 @@ def workflows_with_due_effects(session: Session) -> list[int]:
     for workflow_id in set(session.scalars(new)) - pending:
         workflow = session.get(Workflow, workflow_id)
         if workflow is not None and workflow.config and kinds_of(load_config(workflow.config)):
+            pending.add(workflow_id)
+    new_levels = (
+        select(VolunteerLevel.workflow_id)
+        .outerjoin(Effect, Effect.level_id == VolunteerLevel.id)
+        .where(Effect.id.is_(None))
+        .distinct()
+    )
+    for workflow_id in set(session.scalars(new_levels)) - pending:
+        workflow = session.get(Workflow, workflow_id)
+        if (
+            workflow is not None
+            and workflow.config
+            and level_kinds_of(load_config(workflow.config))
+        ):
             pending.add(workflow_id)
     return sorted(pending)

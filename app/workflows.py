@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -116,6 +116,35 @@ class Effects(_Strict):
     webhook_secret: str | None = None
     caesar_url: str | None = Field(default=None, pattern=r"^https?://")
     caesar_reducer_key: str = Field(default="gzx", pattern=r"^[A-Za-z0-9_.-]+$")
+    # The key of the user reducer (topic reduce_by_user) that volunteer levels are pushed to.
+    caesar_user_reducer_key: str = Field(default="gzx_levels", pattern=r"^[A-Za-z0-9_.-]+$")
+
+
+Accuracy = Annotated[float, Field(gt=0, lt=1)]
+
+
+class Level(_Strict):
+    """A volunteer level, as Gravity Spy promotes volunteers to harder workflows.
+
+    A volunteer reaches the level when, for EVERY class k, the lower end of the 90% credible
+    interval of P(answer = k | truth = k) is at least `min_accuracy` (or the class's entry in
+    `class_min_accuracy`), with at least `min_gold_votes` answers on gold subjects in all and
+    `min_gold_per_class` on gold subjects of each class. `skill_from` says what the interval rests
+    on: "gold", the volunteer's own answers on gold subjects under a flat Dirichlet prior (Gravity
+    Spy's way, so nobody is promoted on the population's merit), or "confusion", the confusion
+    matrix gzx learned from all votes (population prior, EM, live gold counts).
+    """
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[^\x00-\x1f]+$")
+    min_accuracy: Accuracy
+    class_min_accuracy: dict[str, Accuracy] = Field(default_factory=dict)
+    min_gold_votes: int = Field(default=0, ge=0, le=1_000_000)
+    min_gold_per_class: int = Field(default=0, ge=0, le=1_000_000)
+    skill_from: Literal["gold", "confusion"] = "gold"
+
+    def threshold(self, name: str) -> float:
+        """The accuracy this level asks of class `name`."""
+        return self.class_min_accuracy.get(name, self.min_accuracy)
 
 
 class ExportRules(_Strict):
@@ -172,6 +201,8 @@ class WorkflowConfig(_Strict):
     effects: Effects = Field(default_factory=Effects)
     exports: Exports = Field(default_factory=Exports)
     refit_interval_s: float | None = Field(default=None, gt=0)
+    # Ordered from the first level to the last: reaching a level implies every earlier one.
+    levels: list[Level] = Field(default_factory=list, max_length=50)
 
     def class_of_index(self) -> dict[int, int]:
         """Answer index on the platform -> class number (0..K-1)."""
@@ -253,6 +284,8 @@ def _check_cross_fields(config: WorkflowConfig) -> None:
     if config.question is None and config.drawing is None:
         raise InputError("configure at least a question task or a drawing task", field="question")
     if config.question is None:
+        if config.levels:
+            raise InputError("volunteer levels need a question task", field="levels")
         return
     if len(config.classes) < 2:
         raise InputError("a question task needs at least two classes", field="classes")
@@ -276,3 +309,18 @@ def _check_cross_fields(config: WorkflowConfig) -> None:
                 f"answer index {answer.index} is mapped twice", field=f"question.answers.{i}.index"
             )
         seen.add(answer.index)
+    _check_levels(config)
+
+
+def _check_levels(config: WorkflowConfig) -> None:
+    """Level names are unique and per-class overrides name known classes."""
+    names: set[str] = set()
+    for i, level in enumerate(config.levels):
+        if level.name in names:
+            raise InputError(f"level {level.name!r} is named twice", field=f"levels.{i}.name")
+        names.add(level.name)
+        for name in level.class_min_accuracy:
+            if name not in config.classes:
+                raise InputError(
+                    f"unknown class {name!r}", field=f"levels.{i}.class_min_accuracy.{name}"
+                )
