@@ -25,6 +25,7 @@ from starlette.routing import Match
 from app import ingest, parsing, store
 from app.api_engine import add_engine_routes
 from app.api_exports import add_export_routes
+from app.api_machines import add_machine_routes
 from app.api_query import add_query_routes
 from app.auth import Authenticator
 from app.bodies import JsonBody
@@ -359,4 +360,5 @@ def create_app(
     add_engine_routes(app, sessions, auth, run_refit, dispatcher.notify)
     add_export_routes(app, sessions, auth, settings, redis)
     add_query_routes(app, sessions, auth, run_refit, dispatcher.notify)
+    add_machine_routes(app, sessions, auth, settings, dispatcher.notify)
     return app

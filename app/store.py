@@ -68,7 +68,13 @@ def hash_ip(ip: str, salt: str) -> str:
 
 
 def identify_volunteer(parsed: ParsedClassification, ip_salt: str) -> VolunteerIdentity:
-    """Who made a classification: a logged-in user, an anonymous session, or a machine."""
+    """Who made a classification: a logged-in user, an anonymous session, or a machine.
+
+    Only `app.machines` builds classifications with source "machine" (no platform payload can
+    set a source); their `anonymous_key` is the model version's key `ml:<model>@<version>`.
+    """
+    if parsed.source == "machine" and parsed.anonymous_key:
+        return VolunteerIdentity(parsed.anonymous_key, "machine", None, None, None)
     if parsed.user_id is not None:
         return VolunteerIdentity(
             f"user:{parsed.user_id}", "user", parsed.user_id, parsed.user_login, None
