@@ -357,3 +357,19 @@ def test_gzx_worker_runs_the_train_queue_and_posts_predictions(
     assert {body["export_id"] for body in bodies} == {built.export_id}
     assert sum(len(body["predictions"]) for body in bodies) == N_IMAGES
     assert _Predictions.received[0][1]["Authorization"] == "Bearer worker-token"
+
+
+def test_the_base_package_does_not_import_torch() -> None:
+    """The CLI, the trainers' modules and the train job load without importing torch, so the
+    base install (no `train` extra) works."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, app.cli, app.sky, app.train.common, app.train.detector, workers.train;"
+        "print('torch' in sys.modules)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert done.stdout.strip() == "False"

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from app.errors import InputError
 from app.train import common
@@ -302,8 +303,6 @@ def _batch(
 def _image_sizes(samples: Sequence[Sample]) -> tuple[int, int]:
     """(min_size, max_size) for the model's transform: the typical shorter side and the longest
     side of the training images, so they are fed at their own size."""
-    from PIL import Image
-
     short, long = [], []
     for sample in samples[:200]:
         with Image.open(sample.path) as image:
@@ -511,10 +510,12 @@ def match(
 
 
 def measure(
-    samples: Sequence[Sample], detections: Sequence[dict[str, np.ndarray]]
+    samples: Sequence[Sample],
+    detections: Sequence[dict[str, np.ndarray]],
+    threshold: float | None = None,
 ) -> dict[str, Any]:
-    """Completeness and purity at IoU >= 0.5 over a set, at THRESHOLDS and at the threshold with
-    the best F1 (ties: the higher threshold); plus AP50 (all-point interpolation)."""
+    """Completeness and purity at IoU >= 0.5 over a set, at THRESHOLDS and at `threshold` (by
+    default the one with the best F1, ties to the higher); plus AP50 (all-point interpolation)."""
     n_truth = int(sum(len(s.boxes) for s in samples))
     scores, outcomes = [], []
     for sample, found in zip(samples, detections, strict=True):
@@ -552,6 +553,8 @@ def measure(
     rows = [at(t) for t in grid]
     best = max(rows, key=lambda r: (f1(r), r["threshold"])) if n_truth else at(0.5)
     chosen = best["threshold"] if f1(best) > 0 else 0.5
+    if threshold is not None:
+        chosen = threshold
     order = np.argsort(-score, kind="stable")
     ap = None
     if n_truth:
@@ -630,8 +633,6 @@ def predict(
     for subject_id, path, found in zip(
         chosen, paths, detect(model, paths, batch_size), strict=True
     ):
-        from PIL import Image
-
         with Image.open(path) as image:
             width, height = image.size
         boxes = []
