@@ -32,7 +32,17 @@ from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session
 
 from app import aggregation, answers, store
-from app.models import Answer, Gold, View, Volunteer, VolunteerLevel, Workflow, as_utc, utcnow
+from app.models import (
+    Answer,
+    Classification,
+    Gold,
+    View,
+    Volunteer,
+    VolunteerLevel,
+    Workflow,
+    as_utc,
+    utcnow,
+)
 from app.workflows import Level, WorkflowConfig
 
 FloatArray = npt.NDArray[np.float64]
@@ -124,22 +134,28 @@ def _gold_rows(
     session: Session, workflow_id: int, config: WorkflowConfig, volunteer_ids: Sequence[int] | None
 ) -> list[Any]:
     """(volunteer, subject, classification, value, label, gold label) of promotable volunteers'
-    answers on gold subjects, in the order the repeat policy reads them."""
+    answers on gold subjects, in the order the repeat policy reads them.
+
+    Answers carry their volunteer and time (copied from the classification), so the whole
+    workflow is one join of answers with gold; a few volunteers are found through the index on
+    classifications.volunteer_id.
+    """
     assert config.question is not None
     query = _promotable(
         select(
-            View.volunteer_id,
-            View.subject_id,
-            View.classification_id,
+            Answer.volunteer_id,
+            Answer.subject_id,
+            Answer.classification_id,
             Answer.value,
             Answer.label,
             Gold.label,
         )
-        .join(Answer, Answer.classification_id == View.classification_id)
-        .join(Gold, and_(Gold.workflow_id == View.workflow_id, Gold.subject_id == View.subject_id))
-        .join(Volunteer, Volunteer.id == View.volunteer_id)
+        .join(
+            Gold, and_(Gold.workflow_id == Answer.workflow_id, Gold.subject_id == Answer.subject_id)
+        )
+        .join(Volunteer, Volunteer.id == Answer.volunteer_id)
         .where(
-            View.workflow_id == workflow_id,
+            Answer.workflow_id == workflow_id,
             Answer.task == config.question.task,
             Gold.label.is_not(None),
         )
@@ -153,13 +169,20 @@ def _gold_rows(
             )
         )
     query = query.order_by(
-        View.volunteer_id, View.subject_id, View.created_at, View.classification_id, Answer.id
+        Answer.volunteer_id,
+        Answer.subject_id,
+        Answer.created_at,
+        Answer.classification_id,
+        Answer.id,
     )
     if volunteer_ids is None:
         return list(session.execute(query).all())
     rows: list[Any] = []
     for chunk in _chunks(sorted(set(volunteer_ids))):
-        rows.extend(session.execute(query.where(View.volunteer_id.in_(chunk))).all())
+        theirs = select(Classification.id).where(
+            Classification.workflow_id == workflow_id, Classification.volunteer_id.in_(chunk)
+        )
+        rows.extend(session.execute(query.where(Answer.classification_id.in_(theirs))).all())
     return rows
 
 
@@ -170,6 +193,18 @@ class GoldAnswers:
     volunteer_ids: IntArray
     counts: FloatArray
 
+    def subset(self, volunteer_ids: Sequence[int]) -> GoldAnswers:
+        """The counts of these volunteers (sorted; zero for one without gold answers)."""
+        ids = np.array(sorted(volunteer_ids), dtype=np.int64)
+        counts = np.zeros((ids.size, *self.counts.shape[1:]))
+        if self.volunteer_ids.size and ids.size:
+            position = np.clip(
+                np.searchsorted(self.volunteer_ids, ids), 0, self.volunteer_ids.size - 1
+            )
+            found = self.volunteer_ids[position] == ids
+            counts[found] = self.counts[position[found]]
+        return GoldAnswers(ids, counts)
+
 
 def gold_answers(
     session: Session, workflow_id: int, config: WorkflowConfig, volunteer_ids: Sequence[int] | None
@@ -177,27 +212,28 @@ def gold_answers(
     """Every counted answer on a gold subject of these volunteers (all promotable volunteers with
     one, when None): one per volunteer and subject, chosen by the workflow's repeat policy."""
     K = len(config.classes)
-    chosen: dict[tuple[int, int], tuple[int, int, str]] = {}
-    first_answer: set[int] = set()
+    by_index, by_label = config.class_of_index(), config.class_of_label()
+    class_of = {name: k for k, name in enumerate(config.classes)}
+    chosen: dict[tuple[int, int], tuple[int, int]] = {}
+    last_classification = None
     for volunteer, subject, classification, value, label, gold in _gold_rows(
         session, workflow_id, config, volunteer_ids
     ):
-        if classification in first_answer:
-            continue  # one answer per classification
-        first_answer.add(classification)
+        if classification == last_classification:
+            continue  # one answer per classification (its rows are adjacent)
+        last_classification = classification
         key = (volunteer, subject)
         if config.repeats == "keep_first" and key in chosen:
             continue
-        answer = aggregation.class_of_vote(value, label, config)
-        truth = config.classes.index(gold) if gold in config.classes else None
-        chosen[key] = (-1 if answer is None else answer, -1 if truth is None else truth, gold)
+        answer = by_index.get(value, -1) if value is not None else by_label.get(label, -1)
+        chosen[key] = (answer, class_of.get(gold, -1))
     ids = np.array(
         sorted(volunteer_ids) if volunteer_ids is not None else sorted({v for v, _ in chosen}),
         dtype=np.int64,
     )
     counts = np.zeros((ids.size, K, K))
     position = {int(v): i for i, v in enumerate(ids)}
-    for (volunteer, _), (answer, truth, _) in chosen.items():
+    for (volunteer, _), (answer, truth) in chosen.items():
         if answer >= 0 and truth >= 0:
             counts[position[volunteer], truth, answer] += 1.0
     return GoldAnswers(ids, counts)
@@ -217,13 +253,17 @@ def evaluate(
     if not config.levels or config.question is None:
         return 0
     needs_matrix = any(level.skill_from == "confusion" for level in config.levels)
-    snapshot_id = session.scalar(
-        select(Workflow.skill_snapshot_id).where(Workflow.id == workflow_id)
-    )
-    snapshot = store.load_snapshot(session, snapshot_id) if snapshot_id is not None else None
+    snapshot = None
+    if needs_matrix:
+        snapshot_id = session.scalar(
+            select(Workflow.skill_snapshot_id).where(Workflow.id == workflow_id)
+        )
+        snapshot = store.load_snapshot(session, snapshot_id) if snapshot_id is not None else None
+    everyone: GoldAnswers | None = None
     if volunteer_ids is None:
-        candidates = gold_answers(session, workflow_id, config, None).volunteer_ids.tolist()
-        if needs_matrix and snapshot is not None:
+        everyone = gold_answers(session, workflow_id, config, None)  # read once, subset below
+        candidates = everyone.volunteer_ids.tolist()
+        if snapshot is not None:
             candidates = promotable_volunteers(
                 session, sorted({*candidates, *snapshot.volunteer_ids.tolist()})
             )
@@ -234,7 +274,11 @@ def evaluate(
     candidates = [v for v in candidates if top not in reached.get(v, set())]
     if not candidates:
         return 0
-    gold = gold_answers(session, workflow_id, config, candidates)
+    gold = (
+        gold_answers(session, workflow_id, config, candidates)
+        if everyone is None
+        else everyone.subset(candidates)
+    )
     ids = gold.volunteer_ids
     lower = {"gold": diagonal_lower(gold_skills(gold.counts))}
     votes = {"gold": gold.counts.sum(axis=(1, 2))}
