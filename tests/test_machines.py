@@ -13,6 +13,7 @@ import csv
 import io
 import json
 import math
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -329,6 +330,73 @@ def test_subjects_of_the_training_export_are_stored_but_never_voted(service: Ser
     )
     assert (elsewhere.status_code, elsewhere.json()["field"]) == (422, "export_id")
     assert "belongs to workflow" in elsewhere.json()["message"]
+
+
+def test_two_concurrent_posts_of_the_same_predictions_enter_them_once(pg_service: Service) -> None:
+    """Two requests racing with the same first post of a model version (on PostgreSQL): one
+    registers the model and enters every prediction, the other finds them all duplicates."""
+    client = TestClient(pg_service.app)
+    configure(client, question_config())
+    items = [{"subject_id": s, "probabilities": probabilities(0.7)} for s in range(1, 201)]
+    body = predictions_body(items, training_subjects=[1, 2])
+    barrier = threading.Barrier(2)
+    answers: list[dict[str, Any]] = []
+
+    def post() -> None:
+        barrier.wait()
+        response = post_predictions(TestClient(pg_service.app), body)
+        assert response.status_code == 200, response.text
+        answers.append(response.json())
+
+    threads = [threading.Thread(target=post) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(answers) == 2
+    assert sorted(a["accepted"] for a in answers) == [0, 198]
+    assert sorted(a["duplicates"] for a in answers) == [0, 200]
+    assert sum(a["in_training"] for a in answers) == 2
+    assert answers[0]["volunteer_id"] == answers[1]["volunteer_id"]
+    counts = row_counts(pg_service)
+    assert (counts["classifications"], counts["predictions"], counts["machine_models"]) == (
+        198,
+        200,
+        1,
+    )
+
+
+def test_posting_needs_the_ingest_scope_and_reading_the_read_scope(tmp_path: Path) -> None:
+    """With credentials configured, a read token cannot post predictions (403) and an ingest
+    token can; the machine list and calibration want the read scope."""
+    url = f"sqlite:///{tmp_path / 'scopes.db'}"
+    migrate(url)
+    service = build_service(
+        Settings(
+            database_url=url,
+            export_dir=tmp_path / "exports",
+            sweep_interval_s=3600,
+            tokens="adm=admin;ing=ingest;rd=read",
+        )
+    )
+    try:
+        client = TestClient(service.app)
+        admin = {"Authorization": "Bearer adm"}
+        assert client.put(f"/v1/workflows/{WF}", json=question_config(), headers=admin).is_success
+        body = predictions_body([{"subject_id": 1, "probabilities": probabilities(0.6)}])
+        url_post = f"/v1/workflows/{WF}/predictions"
+        assert client.post(url_post, json=body).status_code == 401
+        read = {"Authorization": "Bearer rd"}
+        assert client.post(url_post, json=body, headers=read).status_code == 403
+        ingest = {"Authorization": "Bearer ing"}
+        assert client.post(url_post, json=body, headers=ingest).status_code == 200
+        listing = f"/v1/workflows/{WF}/machines"
+        assert client.get(listing, headers=ingest).status_code == 403
+        assert client.get(listing, headers=read).json()["machines"][0]["votes"] == 1
+        calibration = f"{listing}/ml:zoobot@1/calibration"
+        assert client.get(calibration, headers=read).status_code == 200
+    finally:
+        service.close()
 
 
 # --- skills learned like anyone's --------------------------------------------------------------
