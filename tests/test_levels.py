@@ -245,6 +245,59 @@ def test_a_volunteer_answering_gold_well_is_promoted_once_and_caesar_hears_of_it
     assert page["next_cursor"] is None
 
 
+def test_gold_uploaded_after_the_answers_promotes_at_the_refit_and_the_sweeper_delivers(
+    wired: Service, endpoint: tuple[Endpoint, str]
+) -> None:
+    """Answers first, gold later: the refit that the upload runs records the level, and the
+    sweeper's list of workflows with due effects brings its webhook and Caesar push, once."""
+    record, url = endpoint
+    client = TestClient(wired.app)
+    assert client.put(f"/v1/workflows/{WF}", json=config(url)).status_code == 200
+    answer_gold(client, 1, 48, per_class=6)
+    settle(wired)
+    assert recorded(wired) == []  # no gold yet
+    gold = [{"subject_id": s, "label": "yes"} for s in GOLD_YES[:6]]
+    gold += [{"subject_id": s, "label": "no"} for s in GOLD_NO[:6]]
+    assert client.put(f"/v1/workflows/{WF}/gold", json={"subjects": gold}).status_code == 200
+    settle(wired)
+    assert [level for _, level in recorded(wired)] == ["apprentice"]
+    with wired.sessions() as session:
+        due = effects.workflows_with_due_effects(session)
+    for workflow_id in due:
+        effects.deliver_effects(wired.sessions, wired.settings, workflow_id)
+    assert len(record.to("/hook")) == 1 and len(record.to("/user_reductions/")) == 1
+    with wired.sessions() as session:
+        assert effects.workflows_with_due_effects(session) == []
+
+
+def test_a_volunteer_forgotten_before_delivery_is_not_announced(
+    wired: Service, endpoint: tuple[Endpoint, str]
+) -> None:
+    """The endpoints are down when the level is reached; the volunteer is then forgotten: the
+    retries are skipped (their platform id is erased) and the level stays, anonymised."""
+    from app import store
+
+    record, url = endpoint
+    client = TestClient(wired.app)
+    setup(client, url)
+    record.failures = {"/hook": 1, "/user_reductions/": 1}
+    answer_gold(client, 1, 49, per_class=6)
+    settle(wired)
+    with wired.sessions.begin() as session:
+        volunteer = session.scalar(select(Volunteer).where(Volunteer.key == "user:49"))
+        assert volunteer is not None
+        store.forget_volunteer(session, volunteer)
+    retry_now(wired)
+    assert len(record.requests) == 2 and all(r[4] == 500 for r in record.requests)
+    with wired.sessions() as session:
+        stored = session.scalars(select(Effect)).all()
+        assert {(e.status, e.last_error) for e in stored} == {("skipped", "volunteer forgotten")}
+    items = client.get(f"/v1/workflows/{WF}/levels").json()["items"]
+    assert [(i["volunteer"].startswith("forgotten:"), i["user_id"]) for i in items] == [
+        (True, None)
+    ]
+
+
 def test_spammers_and_anonymous_volunteers_are_never_promoted(
     wired: Service, endpoint: tuple[Endpoint, str]
 ) -> None:
@@ -267,6 +320,14 @@ def test_spammers_and_anonymous_volunteers_are_never_promoted(
     assert record.requests == []
     spammer = client.get(f"/v1/workflows/{WF}/volunteers/user:43").json()
     assert spammer["levels"] == []
+    with wired.sessions.begin() as session:
+        machine = Volunteer(key="ml:detector@1", kind="machine")
+        excluded = Volunteer(key="user:77", kind="user", platform_user_id=77, excluded=True)
+        person = Volunteer(key="user:78", kind="user", platform_user_id=78)
+        session.add_all([machine, excluded, person])
+        session.flush()
+        ids = [machine.id, excluded.id, person.id]
+        assert levels.promotable_volunteers(session, ids) == [person.id]
 
 
 def test_reaching_a_later_level_records_the_earlier_ones_and_caesar_gets_the_highest(
