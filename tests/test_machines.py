@@ -640,7 +640,8 @@ def test_box_calibration_scores_purity_and_completeness_against_gold_boxes(
     service: Service,
 ) -> None:
     """Boxes on subjects with gold boxes are hits when they match one (IoU >= 0.5, one gold box
-    each, highest score first); purity per score bin and completeness at each bin's lower edge."""
+    each, highest score first); purity per score bin and completeness at each bin's lower edge;
+    a refit then learns the machine's mark skill as it does a human's."""
     client = TestClient(service.app)
     configure(client, p.clump_config())
     gold = [
@@ -669,6 +670,9 @@ def test_box_calibration_scores_purity_and_completeness_against_gold_boxes(
     assert (high["n"], high["purity"]) == (3, pytest.approx(1 / 3))  # 0.95 hit; 0.9, 0.7 misses
     assert (low["completeness_at_low"], high["completeness_at_low"]) == (1.0, 0.5)
     assert boxes["purity"] == pytest.approx(2 / 5)
+    assert client.post(f"/v1/workflows/{WF}/refit").status_code == 200
+    learned = client.get(f"/v1/workflows/{WF}/volunteers/ml:frcnn@1").json()
+    assert learned["kind"] == "machine" and learned["marks"]["learned"] is True
 
 
 def test_machine_matching_is_greedy_by_score() -> None:
