@@ -572,7 +572,7 @@ def decide_retirement(
     elif rule.kind == "threshold":
         passed = post >= rule.threshold_array(K)[np.newaxis, :]
         settled = np.any(passed, axis=1)
-        empty = (passed & is_empty_class[np.newaxis, :]).any(axis=1)
+        empty = np.asarray((passed & is_empty_class[np.newaxis, :]).any(axis=1), dtype=bool)
     elif rule.kind == "risk":
         settled = 1.0 - post.max(axis=1) <= rule.risk_bound
         empty = settled & is_empty_class[post.argmax(axis=1)]
