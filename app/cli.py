@@ -456,9 +456,27 @@ def demo(
     ] = 20,
     seed: Annotated[int, typer.Option(help="Seed of the simulated crowd.")] = 0,
     keep_serving: Annotated[bool, typer.Option(help="Keep serving after the simulation.")] = True,
+    loop: Annotated[
+        bool,
+        typer.Option(
+            "--loop",
+            help="Close the loop on a synthetic sky instead: humans, export, train (the train "
+            "extra), machine volunteer; print the human effort with and without the machine.",
+        ),
+    ] = False,
+    machine: Annotated[
+        list[str] | None,
+        typer.Option(help="With --loop: detector and/or classifier (default both)."),
+    ] = None,
+    workdir: Annotated[
+        Path, typer.Option(help="With --loop: images, exports and models go here.")
+    ] = Path("gzx-loop"),
+    epochs: Annotated[int, typer.Option(help="With --loop: training epochs.")] = 8,
+    image_size: Annotated[int, typer.Option(help="With --loop: image side in pixels.")] = 64,
 ) -> None:
     """Start gzx on the embedded default, play a simulated Galaxy-Zoo-like crowd against it over
-    HTTP, print the classifications saved and the accuracy, then keep serving."""
+    HTTP, print the classifications saved and the accuracy, then keep serving. With --loop, run
+    the whole loop offline on a synthetic sky (see app/loop.py) and stop."""
     from app.demo import run_demo
 
     logging.getLogger("gzx.aggregation").setLevel(logging.WARNING)  # refit steps: noise here
@@ -467,6 +485,29 @@ def demo(
     settings = get_settings().model_copy(
         update={"database_url": f"sqlite:///{database}", "redis_url": None}
     )
+    if loop:
+        from app.loop import MACHINES, LoopSizes, run_loop
+
+        logging.getLogger("gzx.train").setLevel(logging.WARNING)
+        sizes = LoopSizes(
+            n_train=max(subjects * 3 // 5, 8),
+            n_eval=max(subjects * 2 // 5, 8),
+            n_volunteers=volunteers,
+            cap=min(cap, 10),
+            epochs=epochs,
+            image_size=image_size,
+            seed=seed,
+        )
+        run_loop(
+            settings,
+            workdir,
+            machines=machine or list(MACHINES),
+            sizes=sizes,
+            host=host,
+            port=port,
+            console=console,
+        )
+        return
     run_demo(
         settings,
         host=host,
@@ -642,3 +683,74 @@ def predict_detector(
             raise InputError("chunk must be between 1 and 10000", field="chunk")
         answers = common.post_predictions(post, token, body, chunk=chunk)
         console.print(common.describe_answers(answers))
+
+
+# --- the morphology classifier (issue 8; the `train` extra, imported inside) -------------------
+
+
+@cli.command("train-classifier")
+def train_classifier(
+    export_dir: Annotated[Path, typer.Argument(help="A gzx export (labels.parquet or .csv).")],
+    images: Annotated[Path, typer.Option(help="Folder of images named <subject id>.<ext>.")],
+    out: Annotated[Path, typer.Option(help="Model directory to write.")],
+    epochs: Annotated[int, typer.Option(help="Passes over the training split.")] = 10,
+    invariant: Annotated[
+        bool, typer.Option("--invariant/--plain", help="8 rotated/flipped views, or one.")
+    ] = True,
+    seed: Annotated[int, typer.Option(help="Seed of initial weights and shuffling.")] = 0,
+    name: Annotated[str, typer.Option(help="Model name (the machine volunteer's).")] = (
+        "gzx-morphology"
+    ),
+    version: Annotated[str | None, typer.Option(help="Model version (default: UTC stamp).")] = None,
+    init: Annotated[Path | None, typer.Option(help="Weights to start from (model.pt).")] = None,
+    export_id: Annotated[
+        str | None, typer.Option(help="The export's id, when EXPORT_DIR is not named by it.")
+    ] = None,
+    image_size: Annotated[int, typer.Option(help="Images are resized to this square.")] = 64,
+) -> None:
+    """Train the rotation-invariant morphology CNN on a labels export (retired subjects, weighted
+    by their posterior); report on its validation split; write OUT/model.pt, metrics.json and
+    model.json."""
+    from app.train import classifier
+
+    metrics = classifier.train_classifier(
+        export_dir,
+        images,
+        out,
+        epochs=epochs,
+        invariant=invariant,
+        seed=seed,
+        name=name,
+        version=version,
+        init=init,
+        export_id=export_id,
+        image_size=image_size,
+        log=console.print,
+    )
+    console.print(classifier.describe_metrics(metrics))
+
+
+@cli.command("predict-classifier")
+def predict_classifier(
+    model_dir: Annotated[Path, typer.Argument(help="Written by `gzx train-classifier`.")],
+    images: Annotated[Path, typer.Option(help="Folder of images named <subject id>.<ext>.")],
+    post: Annotated[
+        str | None, typer.Option(help="Full URL of POST /v1/workflows/{id}/predictions.")
+    ] = None,
+    token: Annotated[
+        str | None, typer.Option(envvar="GZX_TOKEN", help="Bearer token (ingest scope).")
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Write the predictions JSON here.")] = None,
+) -> None:
+    """Class probabilities for every image: posted as a machine volunteer, or written to OUT."""
+    from app.train import classifier, common
+
+    if post is None and out is None:
+        raise InputError("give --post URL or --out FILE", field="post")
+    body = classifier.predict_directory(model_dir, images)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(common.dumps(body))
+        console.print(f"{len(body['predictions'])} predictions -> {out}")
+    if post is not None:
+        console.print(common.describe_answers(common.post_predictions(post, token, body)))

@@ -64,6 +64,7 @@ SUBJECT_BASE = 70_000_000
 USER_BASE = 3_000_000
 CLASSIFICATION_BASE = 800_000_000
 STARTED_AT = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
+MARK_RISK_BOUND = 0.5
 WORKFLOWS = {"detector": (11, 12, 13), "classifier": (21, 22, 23)}  # bootstrap, humans, machine
 
 
@@ -218,7 +219,7 @@ def workflow_config(machine: str, cap: int, box: float) -> dict[str, Any]:
                     }
                 ],
             },
-            "retirement": {**retirement, "mark_risk_bound": 0.3},
+            "retirement": {**retirement, "mark_risk_bound": MARK_RISK_BOUND},
             "exports": {"max_expected_missed": 0.3},
         }
     return {
@@ -232,6 +233,8 @@ def workflow_config(machine: str, cap: int, box: float) -> dict[str, Any]:
             ],
         },
         "retirement": {**retirement, "kind": "risk", "risk_bound": 0.02},
+        # Export what the rule retired: the answer bounds match the risk bound.
+        "exports": {"answer_bounds": [0.02, 0.98]},
     }
 
 
