@@ -741,6 +741,7 @@ def predict_classifier(
         str | None, typer.Option(envvar="GZX_TOKEN", help="Bearer token (ingest scope).")
     ] = None,
     out: Annotated[Path | None, typer.Option(help="Write the predictions JSON here.")] = None,
+    chunk: Annotated[int, typer.Option(help="Predictions a request (at most 10,000).")] = 1000,
 ) -> None:
     """Class probabilities for every image: posted as a machine volunteer, or written to OUT."""
     from app.train import classifier, common
@@ -753,4 +754,7 @@ def predict_classifier(
         out.write_text(common.dumps(body))
         console.print(f"{len(body['predictions'])} predictions -> {out}")
     if post is not None:
-        console.print(common.describe_answers(common.post_predictions(post, token, body)))
+        if not 1 <= chunk <= 10_000:
+            raise InputError("chunk must be between 1 and 10000", field="chunk")
+        answers = common.post_predictions(post, token, body, chunk=chunk)
+        console.print(common.describe_answers(answers))
