@@ -506,6 +506,18 @@ def refit(sessions: sessionmaker[Session], workflow_id: int) -> RefitReport:
     return report
 
 
+def human_pool(session: Session, volunteer_ids: npt.NDArray[np.int64]) -> npt.NDArray[np.bool_]:
+    """Which of these volunteers form the population prior: everyone but the machines.
+
+    A machine volunteer votes on every subject, so pooled in it would dominate the population's
+    skill, and every human the refit does not know yet would inherit the model's accuracy (on the
+    synthetic sky a 90%-accurate model made a one-human retirement look safe, and retired wrong).
+    """
+    machines = store.machine_volunteer_ids(session)
+    pool: npt.NDArray[np.bool_] = ~np.isin(volunteer_ids, machines)
+    return pool
+
+
 def _refit_answers(
     session: Session, workflow_id: int, config: WorkflowConfig, *, bulk: bool
 ) -> RefitReport:
@@ -534,6 +546,7 @@ def _refit_answers(
         gold_label=np.array([g[1] for g in gold_items], dtype=np.int64),
         prior_strength=config.priors.confusion_strength,
         class_prior=class_prior(config),
+        pool=human_pool(session, volunteers),
     )
     clock.lap(f"EM ({result.n_iter} sweeps)")
     snapshot_id = store.save_snapshot(
@@ -598,6 +611,7 @@ def _refit_marks(session: Session, workflow: Workflow, config: WorkflowConfig) -
         gold_boxes=np.array(gold_box, dtype=np.float64).reshape(-1, 4),
         gold_subject=np.array(gold_group, dtype=np.int64),
         gold_subjects=np.array([g for s in gold for g in group_of.get(s, [])], dtype=np.int64),
+        pool=human_pool(session, everyone),
     )
     arrays = np.stack(
         [

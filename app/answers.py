@@ -117,15 +117,25 @@ def average_confusion(skills: Skills) -> FloatArray:
     return result
 
 
-def population_alpha(counts: FloatArray, strength: float = DEFAULT_PRIOR_STRENGTH) -> FloatArray:
+def population_alpha(
+    counts: FloatArray,
+    strength: float = DEFAULT_PRIOR_STRENGTH,
+    pool: BoolArray | None = None,
+) -> FloatArray:
     """Dirichlet pseudo-counts (K,K): `strength` times the pooled row-normalised `counts`.
 
-    The pooled matrix is Σ_u N_u plus HYPER_STRENGTH pseudo-votes per row, HYPER_DIAGONAL of them
-    on the diagonal, so an empty pool gives a weakly better-than-chance prior.
+    The pooled matrix is Σ_u N_u over the volunteers in `pool` (default: everybody) plus
+    HYPER_STRENGTH pseudo-votes per row, HYPER_DIAGONAL of them on the diagonal, so an empty pool
+    gives a weakly better-than-chance prior. Machine volunteers are left out of the pool by the
+    service: a model that voted on every subject would otherwise make every new human look as
+    good as the model.
     """
     if strength <= 0:
         raise ValueError("prior strength must be positive")
-    pooled = np.asarray(counts, dtype=np.float64).sum(axis=0) + _hyper_counts(counts.shape[-1])
+    members = np.asarray(counts, dtype=np.float64)
+    if pool is not None:
+        members = members[np.asarray(pool, dtype=bool)]
+    pooled = members.sum(axis=0) + _hyper_counts(counts.shape[-1])
     result: FloatArray = strength * pooled / pooled.sum(axis=1, keepdims=True)
     return result
 
@@ -257,6 +267,7 @@ def fit(
     max_iter: int = 100,
     tol: float = 1e-6,
     leave_one_out: LeaveOneOut = "weighted",
+    pool: ArrayLike | None = None,
 ) -> FitResult:
     """Learn every volunteer's confusion matrix and every subject's posterior.
 
@@ -266,6 +277,8 @@ def fit(
     Otherwise EM starts from the gold-only skills when gold is given, else from the majority vote,
     and stops when no posterior entry moves by more than `tol` (or after `max_iter` sweeps).
     `class_prior` (K,) is kept fixed when given and learned otherwise.
+
+    `pool` (U,) bool marks the volunteers whose skills form the population prior (default all).
 
     `leave_one_out` says how a volunteer's own vote is kept from teaching them: "exact" teaches
     with q_s^(-u) ∝ q_s / Θ_u[:, j]; "weighted" (the default, Clump Scout's form) teaches with q_s
@@ -282,6 +295,9 @@ def fit(
     if not s.size == u.size == j.size:
         raise ValueError("subject, volunteer and answer must have the same length")
     cell = u * K + j
+    in_pool = None if pool is None else np.asarray(pool, dtype=bool)
+    if in_pool is not None and in_pool.shape != (n_volunteers,):
+        raise ValueError("pool must have one entry per volunteer")
     is_gold, gold_q = _gold_table(gold_subject, gold_label, n_subjects, K)
     n_votes = np.bincount(s, minlength=n_subjects)
     counted = (n_votes > 0) | is_gold
@@ -300,7 +316,7 @@ def fit(
             u[on_gold], j[on_gold], gold_q[s[on_gold]].argmax(axis=1), n_volunteers, K
         )
         prior = fixed_prior if fixed_prior is not None else _gold_prior(gold_q, is_gold)
-        producer = Skills(counts, population_alpha(counts, prior_strength), prior)
+        producer = Skills(counts, population_alpha(counts, prior_strength, in_pool), prior)
         if gold_only:
             return _fit_prior_only(
                 votes, producer, is_gold, gold_q, counted, fixed_prior, max_iter, tol
@@ -334,7 +350,7 @@ def fit(
         if fixed_prior is None:
             prior = _learn_prior(posterior, counted)
         counts = m_step(posterior, skills)
-        skills = Skills(counts, population_alpha(counts, prior_strength), prior)
+        skills = Skills(counts, population_alpha(counts, prior_strength, in_pool), prior)
         new_posterior = _e_step(votes, skills, is_gold, gold_q)
         change = float(np.max(np.abs(new_posterior - posterior))) if n_subjects else 0.0
         posterior = new_posterior
@@ -343,7 +359,7 @@ def fit(
             break
     if skills is None:  # max_iter == 0
         counts = m_step(posterior, None)
-        skills = Skills(counts, population_alpha(counts, prior_strength), prior)
+        skills = Skills(counts, population_alpha(counts, prior_strength, in_pool), prior)
     return FitResult(skills, posterior, n_iter, converged)
 
 

@@ -395,9 +395,18 @@ class Loop:
             if self.machine == "classifier":
                 entries.append({"subject_id": image.subject_id, "label": image.morphology})
             else:
-                entries.append(
-                    {"subject_id": image.subject_id, "boxes": [list(b) for b in image.clumps]}
-                )
+                # An expert's clicks, turned into boxes the way the point tool turns anyone's.
+                half = self.box / 2
+                boxes = [
+                    [
+                        (x1 + x2) / 2 - half,
+                        (y1 + y2) / 2 - half,
+                        (x1 + x2) / 2 + half,
+                        (y1 + y2) / 2 + half,
+                    ]
+                    for x1, y1, x2, y2 in image.clumps
+                ]
+                entries.append({"subject_id": image.subject_id, "boxes": boxes})
         _check(self.client.put(f"/v1/workflows/{workflow_id}/gold", json={"subjects": entries}))
 
     def _refit(self, workflow_id: int) -> None:

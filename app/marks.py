@@ -711,36 +711,44 @@ class _Counts:
 
 
 def _shrink(
-    num: FloatArray, den: FloatArray, mean0: float, strength: float, hyper: float
+    num: FloatArray,
+    den: FloatArray,
+    mean0: float,
+    strength: float,
+    hyper: float,
+    pool: BoolArray | None = None,
 ) -> tuple[FloatArray, float]:
     """Posterior means with an empirical-Bayes prior centred on the pooled rate.
 
-    The pooled rate is shrunk to the literature mean with `hyper` pseudo-counts per volunteer.
+    The pooled rate (over the volunteers in `pool`, default all) is shrunk to the literature mean
+    with `hyper` pseudo-counts per volunteer.
     """
-    pooled = (mean0 * (strength + hyper * num.size) + num.sum()) / (
-        strength + hyper * num.size + den.sum()
+    n, top, bottom = (
+        (num.size, num.sum(), den.sum())
+        if pool is None
+        else (int(pool.sum()), num[pool].sum(), den[pool].sum())
     )
+    pooled = (mean0 * (strength + hyper * n) + top) / (strength + hyper * n + bottom)
     return (pooled * strength + num) / (strength + den), float(pooled)
 
 
 def _skills_from(
-    counts: _Counts, priors: MarkPriors, obj_prior: float, object_rate: float
+    counts: _Counts,
+    priors: MarkPriors,
+    obj_prior: float,
+    object_rate: float,
+    pool: BoolArray | None = None,
 ) -> MarkSkills:
+    hyper = priors.hyper_strength
     p_fn, pop_fn = _shrink(
-        counts.fn_num, counts.fn_den, priors.p_fn, priors.p_fn_strength, priors.hyper_strength
+        counts.fn_num, counts.fn_den, priors.p_fn, priors.p_fn_strength, hyper, pool
     )
-    f, pop_f = _shrink(
-        counts.f_num, counts.f_den, priors.f, priors.f_strength, priors.hyper_strength
-    )
+    f, pop_f = _shrink(counts.f_num, counts.f_den, priors.f, priors.f_strength, hyper, pool)
     p_fp, pop_fp = _shrink(
-        counts.fp_num, counts.fp_den, priors.p_fp, priors.p_fp_strength, priors.hyper_strength
+        counts.fp_num, counts.fp_den, priors.p_fp, priors.p_fp_strength, hyper, pool
     )
     var, pop_var = _shrink(
-        counts.sig_num,
-        counts.sig_den,
-        priors.sigma**2,
-        priors.sigma_strength,
-        priors.hyper_strength,
+        counts.sig_num, counts.sig_den, priors.sigma**2, priors.sigma_strength, hyper, pool
     )
     p_fn = np.clip(p_fn, _P_MIN, _P_MAX)
     f = np.minimum(np.clip(f, _P_MIN, _P_MAX), 0.99 * (1.0 - p_fn))
@@ -850,8 +858,13 @@ def learn_skills(
     iou_threshold: float = 0.5,
     max_distance: float = 0.8,
     learn_obj_prior: bool = True,
+    pool: ArrayLike | None = None,
 ) -> MarkSkills:
     """Learn mark skills from gold subjects (expert boxes) and by EM over the other subjects.
+
+    `pool` (n_volunteers,) bool marks the volunteers whose skills form the population values that
+    new volunteers get and every volunteer is shrunk towards (default all; the service leaves
+    machine volunteers out).
 
     `gold_boxes (G, 4)`, `gold_subject (G,)`: the expert boxes; `gold_subjects` lists all subjects
     whose truth is known (one without expert boxes is known to be empty). Each round associates all
@@ -893,6 +906,9 @@ def learn_skills(
         )
         + 1
     )
+    in_pool = None if pool is None else np.asarray(pool, dtype=bool)
+    if in_pool is not None and in_pool.shape != (n_vol,):
+        raise InputError("pool must have one entry per volunteer", field="pool")
     is_gold = np.zeros(n_subj, dtype=bool)
     is_gold[g_list] = True
     is_gold[g_subj] = True
@@ -907,7 +923,7 @@ def learn_skills(
     n_gold_seen = float((is_gold & n_seen).sum())
     if n_gold_seen:
         object_rate = (pr.object_rate + gold_objects) / (1.0 + n_gold_seen)
-    skills = _skills_from(gold_counts, pr, obj_prior, object_rate)
+    skills = _skills_from(gold_counts, pr, obj_prior, object_rate, in_pool)
     for _ in range(max(rounds, 1)):
         many = aggregate_many(
             box,
@@ -937,7 +953,7 @@ def learn_skills(
                 object_rate = (pr.object_rate + gold_objects + float(q[~em.gold_cluster].sum())) / (
                     1.0 + n_gold_seen + n_other
                 )
-            skills = _skills_from(total, pr, float(obj_prior), float(object_rate))
+            skills = _skills_from(total, pr, float(obj_prior), float(object_rate), in_pool)
     return skills
 
 

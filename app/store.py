@@ -1662,6 +1662,12 @@ def volunteer_vote_counts(
     return ids, counts
 
 
+def machine_volunteer_ids(session: Session) -> npt.NDArray[np.int64]:
+    """Ids of the machine volunteers (`ml:` keys), sorted."""
+    query = select(Volunteer.id).where(Volunteer.kind == "machine").order_by(Volunteer.id)
+    return np.array(session.scalars(query).all(), dtype=np.int64)
+
+
 def volunteers_by_id(session: Session, volunteer_ids: Sequence[int]) -> dict[int, Volunteer]:
     query = select(Volunteer).where(Volunteer.id.in_(list(volunteer_ids)))
     return {v.id: v for v in session.scalars(query)}

@@ -456,3 +456,27 @@ def test_the_module_docstring_example_runs() -> None:
 
     failures, _ = doctest.testmod(answers)
     assert failures == 0
+
+
+def test_the_population_prior_pools_only_the_volunteers_in_the_pool() -> None:
+    # Volunteer 0 (a machine) has 300 votes, all right; volunteers 1-2 are right half the time.
+    counts = np.array(
+        [[[150.0, 0.0], [0.0, 150.0]], [[25.0, 25.0], [25.0, 25.0]], [[25.0, 25.0], [25.0, 25.0]]]
+    )
+    pool = np.array([False, True, True])
+    everyone = answers.population_alpha(counts, 4.0)
+    humans = answers.population_alpha(counts, 4.0, pool)
+    # Pooled with the machine, a new volunteer looks far better than the humans are.
+    assert np.diag(everyone).mean() / 4.0 > 0.7
+    assert np.diag(humans).mean() / 4.0 == pytest.approx(0.5, abs=0.05)
+    # fit() passes the pool through: its alpha is the pool's.
+    rng = np.random.default_rng(3)
+    truth = rng.integers(0, 2, 300)
+    subject = np.concatenate([np.arange(300), np.arange(300), np.arange(300)])
+    volunteer = np.repeat([0, 1, 2], 300)
+    answer = np.concatenate([truth, rng.integers(0, 2, 600)])
+    result = answers.fit(subject, volunteer, answer, 300, 3, 2, pool=pool)
+    expected = answers.population_alpha(result.skills.counts, 4.0, pool)
+    np.testing.assert_allclose(result.skills.alpha, expected)
+    with pytest.raises(ValueError, match="pool"):
+        answers.fit(subject, volunteer, answer, 300, 3, 2, pool=np.array([True]))

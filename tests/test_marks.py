@@ -302,3 +302,22 @@ def test_skill_intervals_contain_the_estimates() -> None:
     for name, interval in marks.skill_intervals(skills).items():
         value = getattr(skills, name)
         assert np.all((interval[:, 0] <= value) & (value <= interval[:, 1]))
+
+
+def test_the_population_skill_pools_only_the_volunteers_in_the_pool() -> None:
+    """A careful machine left out of the pool does not lend new volunteers its miss rate."""
+    p_fn = np.array([0.02, 0.6, 0.6, 0.6, 0.6])
+    d = _synthetic(4, p_fn)
+    args = (d["boxes"], d["subject"], d["volunteer"], d["view_subject"], d["view_volunteer"])
+    gold = {
+        "gold_boxes": d["gold_boxes"],
+        "gold_subject": d["gold_subject"],
+        "gold_subjects": np.arange(150),
+        "use_em": False,
+    }
+    everyone = marks.learn_skills(*args, **gold)
+    humans = marks.learn_skills(*args, **gold, pool=np.array([False, True, True, True, True]))
+    assert humans.pop_p_fn > everyone.pop_p_fn
+    assert humans.pop_p_fn == pytest.approx(0.6, abs=0.1)
+    with pytest.raises(InputError):
+        marks.learn_skills(*args, **gold, pool=np.array([True, False]))
