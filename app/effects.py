@@ -269,7 +269,9 @@ def panoptes_reason(reason: str) -> str:
     return reason if reason in PANOPTES_REASONS else "other"
 
 
-def _signed_post(url: str, secret: str | None, payload: dict[str, Any], key: str) -> None:
+def signed_post(url: str, secret: str | None, payload: dict[str, Any], key: str) -> None:
+    """POST `payload` as JSON, signed with HMAC-SHA256(secret, timestamp + "." + body) when a
+    secret is set; raises on any answer of 300 or more (the caller records and retries it)."""
     body = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
     stamp = str(int(time.time()))
     headers = {"content-type": "application/json", "Idempotency-Key": key, "X-Gzx-Timestamp": stamp}
@@ -333,7 +335,7 @@ def deliver(
     for item in by_kind.get("webhook", []):
         payload = reduction(item.retirement, labels.get(item.retirement.subject_id))
         try:
-            _signed_post(
+            signed_post(
                 config.effects.webhook_url or "",
                 config.effects.webhook_secret,
                 payload,
@@ -440,7 +442,7 @@ def deliver_levels(
                 item.effect.status, item.effect.last_error = "skipped", "volunteer forgotten"
                 continue
             if item.effect.kind == LEVEL_WEBHOOK:
-                _signed_post(
+                signed_post(
                     config.effects.webhook_url or "",
                     config.effects.webhook_secret,
                     level_event(item, config),

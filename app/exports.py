@@ -32,29 +32,27 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import hmac
 import json
 import logging
 import re
 import shutil
-import time
+import threading
 import uuid
 from array import array
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import IO, Any
 
-import httpx
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import ValidationError
-from sqlalchemy import func, select, update
+from sqlalchemy import ColumnElement, and_, func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from app import aggregation, answers, clusters, marks
+from app import aggregation, answers, clusters, effects, marks
 from app.errors import Conflict, InputError, NotFound
 from app.models import (
     Cluster,
@@ -606,58 +604,197 @@ def summary(manifest: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in manifest.items() if k != "subjects"}
 
 
-def _claim(sessions: sessionmaker[Session], export_id: str) -> tuple[int, ExportRules] | None:
+# --- claiming and writing ----------------------------------------------------------------------
+
+HEARTBEAT_S = 10.0
+LEASE_S = 90.0
+MAX_WRITERS = 3
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A writer's hold on an export: its `attempt` is the export's `attempts` when it claimed it,
+    and every later write of this writer is made only while the row still says so."""
+
+    workflow_id: int
+    rules: ExportRules
+    attempt: int
+
+
+def _lease_expired(now: datetime, lease_s: float | None = None) -> ColumnElement[bool]:
+    """Running, and no heartbeat for longer than the lease (a writer of the previous version
+    never beat: its export counts from its creation)."""
+    stale = now - timedelta(seconds=LEASE_S if lease_s is None else lease_s)
+    return and_(
+        Export.status == "running", func.coalesce(Export.heartbeat_at, Export.created_at) < stale
+    )
+
+
+def _held(export_id: str, attempt: int) -> ColumnElement[bool]:
+    return and_(Export.id == export_id, Export.status == "running", Export.attempts == attempt)
+
+
+def _claim(sessions: sessionmaker[Session], export_id: str) -> Claim | None:
+    """Take the export for this writer: a queued one, or a running one whose writer's lease ran
+    out (and that has not used up its writers). One UPDATE decides, so two writers never both
+    win: PostgreSQL re-checks the WHERE of a claim that waited on another's row lock, and SQLite
+    has one writer at a time. The claim is the raised `attempts`."""
+    now = utcnow()
     with sessions.begin() as session:
         export = session.get(Export, export_id)
         if export is None:
             raise NotFound(f"export {export_id} is not known", field="export_id")
-        claimed = session.execute(
-            update(Export)
-            .where(Export.id == export_id, Export.status == "queued")
-            .values(status="running")
+        claimable = or_(
+            Export.status == "queued", and_(_lease_expired(now), Export.attempts < MAX_WRITERS)
         )
-        if claimed.rowcount != 1:  # type: ignore[attr-defined]  # CursorResult has rowcount
+        attempt = session.execute(
+            update(Export)
+            .where(Export.id == export_id, claimable)
+            .values(
+                status="running", attempts=Export.attempts + 1, claimed_at=now, heartbeat_at=now
+            )
+            .returning(Export.attempts),
+            execution_options={"synchronize_session": False},
+        ).scalar_one_or_none()
+        if attempt is None:
             return None
-        return export.workflow_id, ExportRules.model_validate(export.rules or {})
+        return Claim(export.workflow_id, ExportRules.model_validate(export.rules or {}), attempt)
+
+
+class _Heartbeat:
+    """Keeps a writer's lease while it works: a thread that moves `heartbeat_at` every
+    `HEARTBEAT_S` seconds on its own connection. A sweeper tells a dead writer (killed, out of
+    memory, its machine gone) from a slow one by this, never by how long an export may take. The
+    thread stops when the claim is gone (a writer that stalled past the lease was replaced) and
+    sets `lost`, so its writer knows its work will not be kept."""
+
+    def __init__(self, sessions: sessionmaker[Session], export_id: str, attempt: int) -> None:
+        self.sessions = sessions
+        self.export_id = export_id
+        self.attempt = attempt
+        self.lost = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._beat, name=f"gzx-export-lease-{export_id[:8]}", daemon=True
+        )
+
+    def __enter__(self) -> _Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            try:
+                with self.sessions.begin() as session:
+                    kept = session.execute(
+                        update(Export)
+                        .where(_held(self.export_id, self.attempt))
+                        .values(heartbeat_at=utcnow()),
+                        execution_options={"synchronize_session": False},
+                    )
+            except Exception as error:  # the database blinked: try again at the next beat
+                log.warning("export %s: heartbeat failed: %s", self.export_id, error)
+                continue
+            if kept.rowcount != 1:  # type: ignore[attr-defined]  # CursorResult has rowcount
+                self.lost.set()
+                return
+
+
+def _remove_partials(final: Path, keep: Path) -> None:
+    """Remove what earlier writers of this export left behind (`<id>.partial*`), `keep` aside.
+    A writer that is still alive after its claim was taken then fails on its missing directory,
+    and could not have kept its files anyway."""
+    for stale in final.parent.glob(f"{final.name}.partial*"):
+        if stale != keep:
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _finish(
+    sessions: sessionmaker[Session],
+    export_id: str,
+    claim: Claim,
+    partial: Path,
+    final: Path,
+    manifest: dict[str, Any],
+    webhook: bool,
+) -> bool:
+    """Mark the export done and move its files into place, as one step: the row is updated (and
+    locked) only while this writer still holds it, the directory renamed under that lock, and a
+    failed rename rolls the update back. False when the claim was lost."""
+    now = utcnow()
+    with sessions.begin() as session:
+        done = session.execute(
+            update(Export)
+            .where(_held(export_id, claim.attempt))
+            .values(
+                status="done",
+                manifest=summary(manifest),
+                finished_at=now,
+                heartbeat_at=now,
+                webhook_status="pending" if webhook else None,
+                webhook_attempts=0,
+                webhook_next_at=now if webhook else None,
+                webhook_error=None,
+            ),
+            execution_options={"synchronize_session": False},
+        )
+        if done.rowcount != 1:  # type: ignore[attr-defined]  # CursorResult has rowcount
+            return False
+        if final.exists():  # renamed by a writer that died before its commit
+            shutil.rmtree(final)
+        partial.rename(final)
+    return True
 
 
 def write_export(sessions: sessionmaker[Session], settings: Settings, export_id: str) -> str:
-    """Run a queued export: files into settings.export_dir/<id>/, status and manifest into its
-    row. Returns "done" or "failed", or "skipped" for an export that is not queued (another job
-    claimed it first), so that only the job that wrote an export announces it."""
-    claimed = _claim(sessions, export_id)
-    if claimed is None:
+    """Run a queued export (or one whose writer died): files into settings.export_dir/<id>/,
+    status and manifest into its row. Returns "done" or "failed", or "skipped" when this call
+    does not hold the export (another writer has it, or took it over after this one stalled past
+    its lease), so that only the writer that finished an export announces it.
+
+    Files are written to `<id>.partial-<attempt>/`, each claim its own, and renamed when done;
+    a writer first removes the partial directories of the writers before it."""
+    claim = _claim(sessions, export_id)
+    if claim is None:
         return "skipped"
-    workflow_id, rules = claimed
     final = export_directory(settings, export_id)
-    partial = final.with_name(final.name + ".partial")
+    partial = final.with_name(f"{final.name}.partial-{claim.attempt}")
     try:
-        with sessions() as session:
-            if session.get_bind().dialect.name == "postgresql":
-                session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
-            workflow = session.get(Workflow, workflow_id)
-            if workflow is None or workflow.config is None:
-                raise Conflict(f"workflow {workflow_id} is not configured", field="workflow_id")
+        with _Heartbeat(sessions, export_id, claim.attempt) as heartbeat:
+            _remove_partials(final, keep=partial)
+            with sessions() as session:
+                if session.get_bind().dialect.name == "postgresql":
+                    session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
+                workflow = session.get(Workflow, claim.workflow_id)
+                if workflow is None or workflow.config is None:
+                    raise Conflict(
+                        f"workflow {claim.workflow_id} is not configured", field="workflow_id"
+                    )
+                webhook = load_config(workflow.config).exports.webhook_url is not None
+                shutil.rmtree(partial, ignore_errors=True)
+                manifest = build_export(session, partial, workflow, claim.rules)
+                session.rollback()
+            lost = heartbeat.lost.is_set()
+        if lost or not _finish(sessions, export_id, claim, partial, final, manifest, webhook):
+            log.warning("export %s: attempt %s lost its claim", export_id, claim.attempt)
             shutil.rmtree(partial, ignore_errors=True)
-            manifest = build_export(session, partial, workflow, rules)
-            session.rollback()
-        partial.rename(final)
+            return "skipped"
     except Exception as error:
         log.exception("export %s failed", export_id)
         shutil.rmtree(partial, ignore_errors=True)
         with sessions.begin() as session:
-            session.execute(
+            failed = session.execute(
                 update(Export)
-                .where(Export.id == export_id)
-                .values(status="failed", error=str(error)[:2000], finished_at=utcnow())
+                .where(_held(export_id, claim.attempt))
+                .values(status="failed", error=str(error)[:2000], finished_at=utcnow()),
+                execution_options={"synchronize_session": False},
             )
-        return "failed"
-    with sessions.begin() as session:
-        session.execute(
-            update(Export)
-            .where(Export.id == export_id)
-            .values(status="done", manifest=summary(manifest), finished_at=utcnow())
-        )
+        held = failed.rowcount == 1  # type: ignore[attr-defined]  # CursorResult has rowcount
+        return "failed" if held else "skipped"
     return "done"
 
 
@@ -699,6 +836,17 @@ def describe(export: Export) -> dict[str, Any]:
         "finished_at": export.finished_at.isoformat() if export.finished_at else None,
         "manifest": export.manifest,
         "files": files if export.status == "done" else [],
+        "attempts": export.attempts,
+        "webhook": None
+        if export.webhook_status is None
+        else {
+            "status": export.webhook_status,
+            "attempts": export.webhook_attempts,
+            "next_attempt_at": export.webhook_next_at.isoformat()
+            if export.webhook_next_at and export.webhook_status == "failed"
+            else None,
+            "last_error": export.webhook_error,
+        },
     }
 
 
@@ -739,45 +887,124 @@ def webhook_payload(export: Export) -> dict[str, Any]:
     }
 
 
-def signature(secret: str, timestamp: str, body: bytes) -> str:
-    """`X-Gzx-Signature`: "sha256=" + HMAC-SHA256(secret, timestamp + "." + body)."""
-    digest = hmac.new(secret.encode(), timestamp.encode() + b"." + body, hashlib.sha256)
-    return "sha256=" + digest.hexdigest()
+SEND_LEASE_S = 60.0
 
 
-def send_webhook(url: str, secret: str | None, payload: dict[str, Any]) -> int:
-    """POST the payload, signed when a secret is configured; returns the HTTP status."""
-    body = _dumps(payload).encode()
-    stamp = str(int(time.time()))
-    headers = {"content-type": "application/json", "X-Gzx-Timestamp": stamp}
-    headers["Idempotency-Key"] = f"gzx-export-{payload.get('export_id')}"
-    if secret:
-        headers["X-Gzx-Signature"] = signature(secret, stamp, body)
-    response = httpx.post(url, content=body, headers=headers, timeout=10)
-    return response.status_code
+def _webhook_due(now: datetime) -> ColumnElement[bool]:
+    return and_(
+        Export.webhook_status.in_(("pending", "failed")),
+        or_(Export.webhook_next_at.is_(None), Export.webhook_next_at <= now),
+    )
+
+
+def _settled(attempts: int, error: Exception | None, now: datetime) -> dict[str, Any]:
+    """A webhook attempt's outcome, counted like an effect's: done, or failed with the effects'
+    backoff before the next try, dead after `effects.MAX_ATTEMPTS`."""
+    if error is None:
+        return {
+            "webhook_status": "done",
+            "webhook_attempts": attempts,
+            "webhook_next_at": None,
+            "webhook_error": None,
+        }
+    return {
+        "webhook_status": "dead" if attempts >= effects.MAX_ATTEMPTS else "failed",
+        "webhook_attempts": attempts,
+        "webhook_next_at": now + effects.backoff(attempts),
+        "webhook_error": str(error)[:500],
+    }
+
+
+def deliver_webhook(sessions: sessionmaker[Session], export_id: str) -> str | None:
+    """One try of a finished export's webhook, if one is due; returns its new status ("done",
+    "failed", "dead", "skipped"), None when nothing was due.
+
+    The try is claimed by moving its next attempt `SEND_LEASE_S` on, in one UPDATE, so the job
+    that wrote the export and a sweeper never send it together, and no row lock is held while
+    the receiver answers; a sender that dies mid-way leaves the webhook due again a minute later.
+    Delivery is at least once: the Idempotency-Key (`gzx-export-<id>`) lets the receiver drop a
+    repeat. The body is signed like the effects' webhooks (`effects.signed_post`)."""
+    now = utcnow()
+    with sessions.begin() as session:
+        taken = session.execute(
+            update(Export)
+            .where(Export.id == export_id, _webhook_due(now))
+            .values(webhook_next_at=now + timedelta(seconds=SEND_LEASE_S)),
+            execution_options={"synchronize_session": False},
+        )
+        if taken.rowcount != 1:  # type: ignore[attr-defined]  # CursorResult has rowcount
+            return None
+        export = session.get(Export, export_id)
+        assert export is not None
+        before = export.webhook_attempts
+        workflow = session.get(Workflow, export.workflow_id)
+        config = load_config(workflow.config) if workflow and workflow.config else None
+        payload = webhook_payload(export)
+    url = config.exports.webhook_url if config is not None else None
+    if config is None or url is None:
+        values: dict[str, Any] = {
+            "webhook_status": "skipped",
+            "webhook_error": "the workflow has no export webhook any more",
+        }
+    else:
+        error: Exception | None = None
+        try:
+            effects.signed_post(
+                url, config.exports.webhook_secret, payload, f"gzx-export-{export_id}"
+            )
+        except Exception as caught:  # every failure is recorded and retried
+            log.warning("export webhook for %s failed: %s", export_id, caught)
+            error = caught
+        values = _settled(before + 1, error, utcnow())
+    with sessions.begin() as session:
+        session.execute(
+            update(Export)
+            .where(Export.id == export_id, Export.webhook_attempts == before)
+            .values(**values),
+            execution_options={"synchronize_session": False},
+        )
+    return str(values["webhook_status"])
+
+
+def due_webhooks(session: Session, limit: int = 100) -> list[str]:
+    """Exports whose webhook waits for its first try or a retry that is due, oldest first."""
+    query = (
+        select(Export.id)
+        .where(_webhook_due(utcnow()))
+        .order_by(Export.webhook_next_at, Export.id)
+        .limit(limit)
+    )
+    return list(session.scalars(query))
+
+
+def deliver_due_webhooks(sessions: sessionmaker[Session]) -> dict[str, int]:
+    """The sweeper's retries: every due export webhook, one try each."""
+    with sessions() as session:
+        due = due_webhooks(session)
+    outcome = {"sent": 0, "failed": 0}
+    for export_id in due:
+        status = deliver_webhook(sessions, export_id)
+        if status == "done":
+            outcome["sent"] += 1
+        elif status in ("failed", "dead"):
+            outcome["failed"] += 1
+    return outcome
 
 
 def notify_done(sessions: sessionmaker[Session], export_id: str) -> dict[str, Any] | None:
-    """After a finished export: the workflow's webhook (if any). Returns the workflow's export
-    settings for the caller (which queues the train job when Redis is there), None if not done."""
+    """After a finished export: the first try of its webhook (recorded; the sweeper retries a
+    failure). Returns the workflow's export settings for the caller (which queues the train job
+    when Redis is there), None if the export is not done."""
     with sessions() as session:
         export = session.get(Export, export_id)
         if export is None or export.status != "done":
             return None
         workflow = session.get(Workflow, export.workflow_id)
         config = load_config(workflow.config) if workflow and workflow.config else None
-        payload = webhook_payload(export)
     if config is None:
         return None
-    settings = config.exports
-    if settings.webhook_url:
-        try:
-            status = send_webhook(settings.webhook_url, settings.webhook_secret, payload)
-            if status >= 300:
-                log.warning("export webhook for %s answered %s", export_id, status)
-        except httpx.HTTPError as error:
-            log.warning("export webhook for %s failed: %s", export_id, error)
-    return settings.model_dump()
+    deliver_webhook(sessions, export_id)
+    return config.exports.model_dump()
 
 
 def scheduled_rules(session: Session, workflow_id: int) -> ExportRules:
@@ -788,8 +1015,9 @@ def scheduled_rules(session: Session, workflow_id: int) -> ExportRules:
 
 
 def stale_queued(session: Session, older_than_s: float = 600.0) -> list[str]:
-    """Exports still queued long after they were asked for (their job was lost with Redis);
-    queueing them again is safe, since an export is claimed once."""
+    """Exports still queued long after they were asked for (their job was lost with Redis, or
+    the process whose thread would have written it stopped); queueing them again is safe, since
+    an export is claimed once."""
     since = utcnow() - timedelta(seconds=older_than_s)
     query = (
         select(Export.id)
@@ -797,3 +1025,29 @@ def stale_queued(session: Session, older_than_s: float = 600.0) -> list[str]:
         .order_by(Export.created_at)
     )
     return list(session.scalars(query))
+
+
+def abandoned(session: Session, lease_s: float | None = None) -> list[str]:
+    """Running exports whose writer has not beaten for longer than the lease (killed, out of
+    memory, its machine gone): queueing them again is safe, since only one writer can claim one.
+    An export that has had `MAX_WRITERS` writers already is marked failed instead, so an export
+    that kills its writer every time (memory, say) is not retried for ever."""
+    now = utcnow()
+    expired = _lease_expired(now, lease_s)
+    session.execute(
+        update(Export)
+        .where(expired, Export.attempts >= MAX_WRITERS)
+        .values(
+            status="failed",
+            error=f"its writer stopped {MAX_WRITERS} times without finishing "
+            "(killed, or out of memory?)",
+            finished_at=now,
+        ),
+        execution_options={"synchronize_session": False},
+    )
+    return list(session.scalars(select(Export.id).where(expired).order_by(Export.created_at)))
+
+
+def to_rerun(session: Session) -> list[str]:
+    """Every export a schedule should queue again: lost before its writer began, or after."""
+    return [*stale_queued(session), *abandoned(session)]

@@ -119,7 +119,12 @@ class View(Base):
     volunteer_id: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     applied_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    __table_args__ = (Index("ix_views_workflow_subject", "workflow_id", "subject_id"),)
+    # (workflow, volunteer): the volunteer list and the export's skills.csv count a workflow's
+    # views per volunteer; with this index PostgreSQL reads them in order from the index alone.
+    __table_args__ = (
+        Index("ix_views_workflow_subject", "workflow_id", "subject_id"),
+        Index("ix_views_workflow_volunteer", "workflow_id", "volunteer_id"),
+    )
 
 
 class Answer(Base):
@@ -309,7 +314,13 @@ class Prediction(Base):
 
 
 class Export(Base):
-    """An immutable, versioned snapshot of reliable labels with a manifest."""
+    """An immutable, versioned snapshot of reliable labels with a manifest.
+
+    A writer claims a queued export by raising `attempts` (its claim is that number) and keeps
+    `heartbeat_at` fresh while it writes; a running export whose heartbeat is older than the lease
+    lost its writer and may be claimed again. The export-done webhook is an outbox of one: its
+    status, attempts, next try and last error, retried with the effects' backoff.
+    """
 
     __tablename__ = "exports"
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
@@ -320,6 +331,13 @@ class Export(Base):
     error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    claimed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    webhook_status: Mapped[str | None] = mapped_column(String(16))
+    webhook_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    webhook_next_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    webhook_error: Mapped[str | None] = mapped_column(Text)
 
 
 class SkillSnapshot(Base):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Protocol
@@ -18,6 +19,10 @@ from typing import Protocol
 from redis import Redis
 from redis.exceptions import RedisError
 from rq import Queue
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from app.models import Retirement, VolunteerLevel
 
 log = logging.getLogger("gzx.pipeline")
 
@@ -35,6 +40,10 @@ def debounce_key(workflow_id: int) -> str:
 class Dispatcher(Protocol):
     def notify(self, workflow_ids: Iterable[int]) -> None:
         """Ask for the pending subjects of these workflows to be applied (after a commit)."""
+
+    def notify_effects(self, workflow_ids: Iterable[int]) -> None:
+        """Ask for the effects of these workflows to be delivered (after a commit that recorded
+        retirements or levels outside an apply, such as a refit's)."""
 
     def close(self) -> None:
         """Stop any background work."""
@@ -56,6 +65,18 @@ class RQDispatcher:
                 # The vote is committed; the sweeper will find its subject. Never fail ingest here.
                 log.warning("could not queue workflow %s; the sweeper will pick it up", workflow_id)
 
+    def notify_effects(self, workflow_ids: Iterable[int]) -> None:
+        effects = Queue(EFFECTS_QUEUE, connection=self.redis)
+        for workflow_id in sorted(set(workflow_ids)):
+            try:
+                effects.enqueue(
+                    "workers.jobs.deliver_workflow_effects",
+                    workflow_id,
+                    job_id=f"effects-{workflow_id}-{time.time_ns()}",
+                )
+            except RedisError:
+                log.warning("could not queue effects of %s; the sweeper will", workflow_id)
+
     def close(self) -> None:
         self.redis.close()
 
@@ -68,8 +89,10 @@ def start_of_job(redis: Redis, workflow_id: int) -> None:
 class InProcessDispatcher:
     """Runs the same job functions in a background thread of this process (embedded mode).
 
-    `apply` is called with a workflow id; `sweep` returns the workflows with pending subjects and is
-    run every `sweep_interval_s` seconds, so work survives a crash of this thread's current job.
+    `apply` is called with a workflow id; `deliver` (when given) with a workflow whose effects were
+    asked for; `sweep` returns the workflows with pending subjects and is run every
+    `sweep_interval_s` seconds, so work survives a crash of this thread's current job. Every job
+    runs in this one thread, so two deliveries never overlap (SQLite has no SKIP LOCKED).
     """
 
     def __init__(
@@ -77,11 +100,14 @@ class InProcessDispatcher:
         apply: Callable[[int], object],
         sweep: Callable[[], Iterable[int]],
         sweep_interval_s: float = 30.0,
+        deliver: Callable[[int], object] | None = None,
     ) -> None:
         self._apply = apply
         self._sweep = sweep
+        self._deliver = deliver
         self._interval = sweep_interval_s
         self._wanted: set[int] = set()
+        self._effects: set[int] = set()
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._idle = threading.Event()
@@ -96,8 +122,17 @@ class InProcessDispatcher:
             self._idle.clear()
         self._wake.set()
 
+    def notify_effects(self, workflow_ids: Iterable[int]) -> None:
+        if self._deliver is None:
+            return
+        with self._lock:
+            self._effects.update(workflow_ids)
+            self._idle.clear()
+        self._wake.set()
+
     def wait_idle(self, timeout: float = 30.0) -> bool:
-        """Block until every notified workflow has been applied (for tests and the demo)."""
+        """Block until every notified workflow has been applied and every asked delivery made
+        (for tests and the demo)."""
         return self._idle.wait(timeout)
 
     def close(self) -> None:
@@ -118,17 +153,36 @@ class InProcessDispatcher:
                     log.exception("sweep failed")
                 continue
             while True:
+                job: Callable[[int], object] | None
                 with self._lock:
-                    if not self._wanted:
+                    if self._wanted:  # applies first: they may record retirements to deliver
+                        job, workflow_id = self._apply, self._wanted.pop()
+                    elif self._effects:
+                        job, workflow_id = self._deliver, self._effects.pop()
+                    else:
                         self._idle.set()
                         break
-                    workflow_id = self._wanted.pop()
                 try:
-                    self._apply(workflow_id)
+                    if job is not None:
+                        job(workflow_id)
                 except Exception:
                     log.exception(
-                        "applying workflow %s failed; the sweeper will retry", workflow_id
+                        "a job of workflow %s failed; the sweeper will retry", workflow_id
                     )
+
+
+def newest_outcomes(session: Session, workflow_id: int) -> tuple[int | None, int | None]:
+    """The newest retirement and level of a workflow (their ids). Read before and after a refit,
+    they tell whether it recorded any: then their effects are asked for at once, not left to the
+    sweeper (up to 30 s on), since the refit's own follow-up apply finds nothing to do when the
+    refit wrote every subject itself."""
+    retirement = session.scalar(
+        select(func.max(Retirement.id)).where(Retirement.workflow_id == workflow_id)
+    )
+    level = session.scalar(
+        select(func.max(VolunteerLevel.id)).where(VolunteerLevel.workflow_id == workflow_id)
+    )
+    return retirement, level
 
 
 JOB_TIMES_KEY = "gzx:apply-seconds"

@@ -22,6 +22,7 @@ from app.pipeline import (
     Dispatcher,
     InProcessDispatcher,
     RQDispatcher,
+    newest_outcomes,
     record_job_time,
 )
 from app.settings import Settings
@@ -43,6 +44,33 @@ class Service:
         self.engine.dispose()
 
 
+def sweep(settings: Settings, sessions: sessionmaker[Session]) -> list[int]:
+    """One pass of the embedded sweeper (what `rq cron` runs with Redis): due refits, effects
+    that are new or due again, scheduled exports and exports whose writer was lost (queued long
+    ago, or running with an expired lease), and export webhooks due again. Returns the
+    workflows with pending subjects, for the dispatcher to apply."""
+    with sessions() as session:
+        due = aggregation.due_refits(session)
+    for workflow_id in due:
+        aggregation.refit(sessions, workflow_id)
+    with sessions() as session:
+        retries = effects.workflows_with_due_effects(session)
+    for workflow_id in retries:
+        effects.deliver_effects(sessions, settings, workflow_id)
+    with sessions.begin() as session:
+        scheduled = [
+            exports.create_export(session, w, exports.scheduled_rules(session, w))
+            for w in exports.due_exports(session)
+        ]
+        scheduled += exports.to_rerun(session)
+    for export_id in scheduled:
+        if exports.write_export(sessions, settings, export_id) == "done":
+            exports.notify_done(sessions, export_id)
+    exports.deliver_due_webhooks(sessions)
+    with sessions() as session:
+        return store.workflows_with_pending(session)
+
+
 def in_process_dispatcher(
     settings: Settings, sessions: sessionmaker[Session]
 ) -> InProcessDispatcher:
@@ -56,32 +84,20 @@ def in_process_dispatcher(
             effects.deliver_effects(sessions, settings, workflow_id)
         return applied
 
-    def sweep() -> list[int]:
-        with sessions() as session:
-            due = aggregation.due_refits(session)
-        for workflow_id in due:
-            aggregation.refit(sessions, workflow_id)
-        with sessions() as session:
-            retries = effects.workflows_with_due_effects(session)
-        for workflow_id in retries:
-            effects.deliver_effects(sessions, settings, workflow_id)
-        with sessions.begin() as session:
-            scheduled = [
-                exports.create_export(session, w, exports.scheduled_rules(session, w))
-                for w in exports.due_exports(session)
-            ]
-        for export_id in scheduled:
-            exports.write_export(sessions, settings, export_id)
-        with sessions() as session:
-            return store.workflows_with_pending(session)
+    def deliver(workflow_id: int) -> Any:
+        return effects.deliver_effects(sessions, settings, workflow_id)
 
-    return InProcessDispatcher(apply, sweep, settings.sweep_interval_s)
+    return InProcessDispatcher(
+        apply, lambda: sweep(settings, sessions), settings.sweep_interval_s, deliver=deliver
+    )
 
 
 def refit_runner(
     sessions: sessionmaker[Session], dispatcher: Dispatcher, redis: Redis | None
 ) -> Callable[[int], dict[str, Any]]:
-    """Refit now, in this process (embedded), or queue the refit job (with Redis)."""
+    """Refit now, in this process (embedded), or queue the refit job (with Redis). After an
+    embedded refit, the apply of what it left pending, and the effects of the retirements and
+    levels it recorded, are handed to the dispatcher right away."""
 
     def run(workflow_id: int) -> dict[str, Any]:
         if redis is not None:
@@ -89,8 +105,13 @@ def refit_runner(
                 "workers.jobs.refit_workflow", workflow_id, job_timeout=3600
             )
             return {"queued": True, "job_id": job.id}
+        with sessions() as session:
+            before = newest_outcomes(session, workflow_id)
         report = aggregation.refit(sessions, workflow_id)
         dispatcher.notify([workflow_id])
+        with sessions() as session:
+            if newest_outcomes(session, workflow_id) != before:
+                dispatcher.notify_effects([workflow_id])
         return {"queued": False, **asdict(report)}
 
     return run

@@ -11,6 +11,7 @@ from app.pipeline import (
     AGGREGATE_QUEUE,
     EFFECTS_QUEUE,
     RQDispatcher,
+    newest_outcomes,
     record_job_time,
     start_of_job,
 )
@@ -39,31 +40,60 @@ def deliver_workflow_effects(workflow_id: int) -> dict[str, int]:
 
 
 def sweep() -> list[int]:
-    """Queue a job for every workflow with pending subjects (recovers work Redis lost)."""
+    """Queue a job for every workflow with pending subjects (recovers work Redis lost), a
+    delivery for every workflow with due effects, and one for the export webhooks due again."""
+    from app import exports
+
     ctx = context()
     with ctx.sessions() as session:
         workflow_ids = store.workflows_with_pending(session)
         due_effects = effects.workflows_with_due_effects(session)
-    if ctx.redis is not None:
-        queue = Queue(EFFECTS_QUEUE, connection=ctx.redis)
-        for workflow_id in due_effects:
-            queue.enqueue(deliver_workflow_effects, workflow_id)
-    if ctx.redis is not None:
-        for workflow_id in workflow_ids:
-            # Force a new job even if a (possibly lost) debounce key is still set.
-            start_of_job(ctx.redis, workflow_id)
-        RQDispatcher(ctx.redis).notify(workflow_ids)
+        due_webhooks = exports.due_webhooks(session, limit=1)
+    if ctx.redis is None:
+        if due_webhooks:
+            exports.deliver_due_webhooks(ctx.sessions)
+        return workflow_ids
+    queue = Queue(EFFECTS_QUEUE, connection=ctx.redis)
+    for workflow_id in due_effects:
+        queue.enqueue(deliver_workflow_effects, workflow_id)
+    if due_webhooks:
+        queue.enqueue(deliver_export_webhooks)
+    for workflow_id in workflow_ids:
+        # Force a new job even if a (possibly lost) debounce key is still set.
+        start_of_job(ctx.redis, workflow_id)
+    RQDispatcher(ctx.redis).notify(workflow_ids)
     return workflow_ids
 
 
+def deliver_export_webhooks() -> dict[str, int]:
+    """One try of every export-done webhook that is due again (failed ones, after backoff)."""
+    from app import exports
+
+    return exports.deliver_due_webhooks(context().sessions)
+
+
 def refit_workflow(workflow_id: int) -> dict[str, object]:
-    """EM over every stored vote of a workflow, a new skill snapshot, then every subject again."""
+    """EM over every stored vote of a workflow, a new skill snapshot, then every subject again;
+    the retirements and levels the refit recorded are delivered now, not at the next sweep."""
     ctx = context()
+    with ctx.sessions() as session:
+        before = newest_outcomes(session, workflow_id)
     report = aggregation.refit(ctx.sessions, workflow_id)
+    with ctx.sessions() as session:
+        recorded = newest_outcomes(session, workflow_id) != before
     if ctx.redis is not None:
         start_of_job(ctx.redis, workflow_id)
-        RQDispatcher(ctx.redis).notify([workflow_id])
-    return {"snapshot_id": report.snapshot_id, "n_votes": report.n_votes}
+        dispatcher = RQDispatcher(ctx.redis)
+        dispatcher.notify([workflow_id])
+        if recorded:
+            dispatcher.notify_effects([workflow_id])
+    elif recorded:
+        effects.deliver_effects(ctx.sessions, ctx.settings, workflow_id)
+    return {
+        "snapshot_id": report.snapshot_id,
+        "n_votes": report.n_votes,
+        "effects_queued": recorded,
+    }
 
 
 def run_schedules() -> list[int]:
@@ -99,8 +129,9 @@ def write_export_job(export_id: str) -> str:
 
 def start_scheduled_exports() -> list[str]:
     """An export of every workflow whose `exports.schedule_interval_s` has passed since its last
-    one: queued on "exports" with Redis (with any export whose job Redis lost), written right
-    here without."""
+    one, and again every export whose writer was lost (still queued ten minutes on, or running
+    with no heartbeat for longer than the lease): queued on "exports" with Redis, written right
+    here without. Returns the ids it started or restarted; a writer claims each once."""
     from app import exports
     from app.pipeline import EXPORTS_QUEUE
 
@@ -112,8 +143,8 @@ def start_scheduled_exports() -> list[str]:
             )
             for workflow_id in exports.due_exports(session)
         ]
-        lost = exports.stale_queued(session) if ctx.redis is not None else []
-    for export_id in [*started, *lost]:
+        started += exports.to_rerun(session)
+    for export_id in started:
         if ctx.redis is not None:
             Queue(EXPORTS_QUEUE, connection=ctx.redis).enqueue(
                 write_export_job, export_id, job_timeout=3600
