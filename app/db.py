@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
@@ -12,27 +15,82 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.settings import Settings
 
+log = logging.getLogger("gzx.db")
+
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 
 
+ANALYSIS_LIMIT = 1000
+OPTIMIZE_EVERY_S = 60.0
+OPTIMIZE_BUSY_MS = 100
+BUSY_TIMEOUT_S = 30
+
+
 def make_engine(settings: Settings) -> Engine:
-    """An engine for the configured database (SQLite gets WAL and a busy timeout)."""
+    """An engine for the configured database (SQLite gets WAL, a busy timeout, and statistics
+    kept by `PRAGMA optimize`)."""
     if settings.is_sqlite:
         engine = create_engine(
             settings.database_url,
-            connect_args={"check_same_thread": False, "timeout": 30},
+            connect_args={"check_same_thread": False, "timeout": BUSY_TIMEOUT_S},
         )
         event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "checkin", _optimize_now_and_then)
+        event.listen(engine, "close", _optimize_before_closing)
         return engine
     return create_engine(settings.database_url, pool_size=10, max_overflow=20, pool_pre_ping=True)
 
 
-def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+def _sqlite_pragmas(dbapi_connection: Any, record: Any) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute(f"PRAGMA analysis_limit={ANALYSIS_LIMIT}")
     cursor.close()
+    # SQLite's advice for long-lived connections: optimize with 0x10002 when one opens (every
+    # table checked, not only those this connection used; SQLite 3.46 and later), then now and
+    # then while it lives. PostgreSQL's autovacuum does this by itself.
+    _optimize(dbapi_connection, "PRAGMA optimize=0x10002")
+    record.info["optimized_at"] = time.monotonic()
+
+
+def _optimize(dbapi_connection: Any, statement: str) -> None:
+    """Run `PRAGMA optimize`: usually a check of a few counters, now and then an ANALYZE of a
+    table whose statistics are missing or that grew 25-fold since (sampled: `analysis_limit`).
+    Without statistics SQLite's planner guesses, and a guess made a level evaluation take 350 ms
+    instead of 11 ms. An ANALYZE needs the write lock; it waits `OPTIMIZE_BUSY_MS` for it, not the
+    usual 30 s, so a reader returning its connection is never held up, and a busy database is
+    simply optimized at the next turn."""
+    try:
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute(f"PRAGMA busy_timeout={OPTIMIZE_BUSY_MS}")
+            cursor.execute(statement).fetchall()
+        finally:
+            cursor.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_S * 1000}")
+            cursor.close()
+    except sqlite3.Error as error:
+        log.debug("%s skipped: %s", statement, error)
+
+
+def _optimize_now_and_then(dbapi_connection: Any, record: Any) -> None:
+    """When a connection goes back to the pool: optimize, at most every `OPTIMIZE_EVERY_S` per
+    connection. Before SQLite 3.46 plain `PRAGMA optimize` looks only at the tables whose indexes
+    this connection's queries used, so each pooled connection does it for its own."""
+    if dbapi_connection is None:
+        return
+    now = time.monotonic()
+    if now - record.info.get("optimized_at", 0.0) < OPTIMIZE_EVERY_S:
+        return
+    record.info["optimized_at"] = now
+    _optimize(dbapi_connection, "PRAGMA optimize")
+
+
+def _optimize_before_closing(dbapi_connection: Any, _record: Any) -> None:
+    """SQLite's advice for short-lived connections (a `gzx import`, an engine disposed of)."""
+    if dbapi_connection is not None:
+        _optimize(dbapi_connection, "PRAGMA optimize")
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
