@@ -315,7 +315,8 @@ def test_init_starts_the_plain_network_from_the_invariant_one(
 
 
 def test_bad_inputs_name_their_field(built: Built, trained: tuple[Path, dict[str, Any]]) -> None:
-    """No labels file, no images, a bad version, a detector directory: InputErrors, not crashes."""
+    """No labels file, no or unreadable images, a bad version, a detector directory: InputErrors
+    naming the field, not tracebacks."""
     out = built.root / "never"
     with pytest.raises(InputError) as missing:
         classifier.train_classifier(built.images, built.images, out)
@@ -335,6 +336,15 @@ def test_bad_inputs_name_their_field(built: Built, trained: tuple[Path, dict[str
     with pytest.raises(InputError) as kind:
         classifier.predict_directory(detector_dir, built.images)
     assert kind.value.field == "model_dir"
+    with pytest.raises(InputError) as nothing:
+        classifier.predict_directory(model, built.root / "empty")
+    assert nothing.value.field == "images"
+    broken = built.root / "broken"
+    broken.mkdir(exist_ok=True)
+    (broken / "9.png").write_bytes(b"not a png")
+    with pytest.raises(InputError) as unreadable:
+        classifier.predict_directory(model, broken)
+    assert unreadable.value.field == "images" and "9.png" in unreadable.value.message
     assert not out.exists()
 
 

@@ -414,11 +414,14 @@ def load_pixels(paths: Iterable[Path], size: int) -> np.ndarray:
 
     out = []
     for path in paths:
-        with Image.open(path) as image:
-            rgb = image.convert("RGB")
-            if rgb.size != (size, size):
-                rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)
-            out.append(np.asarray(rgb, dtype=np.uint8))
+        try:
+            with Image.open(path) as image:
+                rgb = image.convert("RGB")
+                if rgb.size != (size, size):
+                    rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)
+                out.append(np.asarray(rgb, dtype=np.uint8))
+        except (OSError, ValueError) as error:  # PIL's UnidentifiedImageError is an OSError
+            raise InputError(f"cannot read image {path}: {error}", field="images") from error
     return np.stack(out) if out else np.zeros((0, size, size, 3), dtype=np.uint8)
 
 
@@ -610,6 +613,8 @@ def predict_directory(
             raise InputError(f"no image for subjects {absent[:10]} in {images}", field="images")
         files = {s: files[s] for s in subject_ids}
     ids = sorted(files)
+    if not ids:
+        raise InputError(f"no images named <subject id>.<extension> in {images}", "images")
     common.set_threads(threads)
     classes = list(net.arch.classes)
     probs = predict_proba(
