@@ -292,6 +292,8 @@ def test_training_writes_the_model_directory_and_metrics_in_range(
         coverage = [row["coverage"] for row in part["at_confidence"]]
         assert coverage[0] == 1.0 and coverage == sorted(coverage, reverse=True)
         assert 0 <= part["high_agreement"]["count"] <= part["count"]
+    assert metrics["accuracy"] == metrics["val"]["accuracy"]
+    assert metrics["high_agreement_accuracy"] == metrics["val"]["high_agreement"]["accuracy"]
     net, _ = classifier.load_model(out)
     assert net.arch.invariant and net.arch.classes == tuple(CLASSES)
 

@@ -235,11 +235,38 @@ def fit(
                 log(f"epoch {epoch + 1}/{epochs}: weighted loss {result.epoch_losses[-1]:.4f}")
         if step >= total:
             break
+    recalibrate_batchnorm(net, pixels, batch_size, device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     result.seconds = time.perf_counter() - began
     result.images_per_second = seen / result.seconds if result.seconds > 0 else 0.0
     return result
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(
+    net: MorphologyNet, pixels: np.ndarray, batch_size: int, device: torch.device
+) -> None:
+    """Recompute every BatchNorm's running statistics as plain averages over the training images
+    under the final weights ("precise BN").
+
+    The running averages kept during training (momentum 0.1) still remember the activations of
+    early weights after a short run: on the synthetic sky, 48 steps left the network 99% right in
+    training mode and at chance in eval mode. One pass without gradients fixes that.
+    """
+    norms = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms or len(pixels) == 0:
+        return
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over the pass
+    net.train()
+    for start in range(0, len(pixels), batch_size):
+        net(as_batch(pixels[start : start + batch_size], device))
+    for m, momentum in zip(norms, momenta, strict=True):
+        m.momentum = momentum
+    net.eval()
 
 
 @torch.no_grad()
@@ -541,6 +568,9 @@ def train_classifier(
     for split, mask in (("train", train), ("val", val)):
         probs = predict_proba(net, pixels[row[mask]], device=where)
         metrics[split] = report(probs, labels.labels[mask], labels.weights[mask])
+    # The headline numbers at the top level, as the detector reports completeness and purity.
+    metrics["accuracy"] = metrics["val"]["accuracy"]
+    metrics["high_agreement_accuracy"] = metrics["val"]["high_agreement"]["accuracy"]
     subjects = manifest.get("subjects", {})
     info = {
         "kind": "classifier",
