@@ -205,6 +205,24 @@ def test_probabilities_sum_to_one_and_the_views_cost_no_resampling() -> None:
         assert torch.equal(view.flatten().sort().values, x.flatten().sort().values)
 
 
+def test_the_loss_follows_the_confidence_weights() -> None:
+    """Each image appears twice with opposite labels; the label with the larger weight wins."""
+    torch.manual_seed(0)
+    net = classifier.MorphologyNet(
+        classifier.Architecture(classes=("a", "b"), invariant=False, image_size=16)
+    )
+    images = np.random.default_rng(3).integers(0, 256, (6, 16, 16, 3), dtype=np.uint8)
+    pixels = np.concatenate([images, images])
+    labels = np.array([0] * 6 + [1] * 6)
+    weights = np.array(
+        [0.9 if k < 3 else 0.2 for k in range(6)] + [0.1 if k < 3 else 0.8 for k in range(6)]
+    )
+    classifier.fit(net, pixels, labels, weights, epochs=40, batch_size=12, learning_rate=1e-2)
+    probs = classifier.predict_proba(net, images)
+    assert (probs[:3, 0] > 0.6).all()  # weight 0.9 for "a" against 0.1 for "b"
+    assert (probs[3:, 1] > 0.6).all()  # 0.8 for "b" against 0.2 for "a"
+
+
 # --- the report --------------------------------------------------------------------------------
 
 
@@ -444,3 +462,19 @@ def test_post_sends_contract_one_chunks_to_a_real_http_server(
     assert in_training == {image.subject_id for image in built.truth}
     assert f"{N_NEW} accepted" in result.output
     assert f"{len(in_training)} in training" in result.output
+
+
+def test_eval_mode_predicts_what_training_learned() -> None:
+    """After a short run, BatchNorm's running statistics are recomputed under the final weights:
+    without that, the network was right in training mode and at chance in eval mode."""
+    rng = np.random.default_rng(0)
+    n, size = 64, 16
+    labels = np.arange(n) % 2
+    pixels = rng.integers(0, 60, size=(n, size, size, 3)).astype(np.uint8)
+    pixels[labels == 1, 4:12, 4:12, :] += 150  # class 1: a bright square in the middle
+    net = classifier.MorphologyNet(
+        classifier.Architecture(classes=("a", "b"), invariant=True, image_size=size)
+    )
+    classifier.fit(net, pixels, labels, np.ones(n), epochs=3, batch_size=16, seed=0)
+    probs = classifier.predict_proba(net, pixels, device=torch.device("cpu"))
+    assert (probs.argmax(axis=1) == labels).mean() >= 0.95
