@@ -26,6 +26,11 @@ rounding, and no file holds a time or the export's id (those live in the `export
 Streaming: subjects and clusters are read by two server-side cursors in subject order and merged,
 `CHUNK` rows at a time; COCO's images and annotations go to spool files that are then concatenated,
 so memory stays flat as the workflow grows (8 bytes per kept subject for the manifest's ids).
+
+Written once, whoever dies: a writer claims an export in one UPDATE and keeps a heartbeat while
+it writes; a schedule queues again an export whose writer stopped beating for longer than the
+lease, and only a writer that still holds its claim may mark it done and move its files into
+place. The export-done webhook is recorded on the row and retried with the effects' backoff.
 """
 
 from __future__ import annotations
