@@ -49,7 +49,7 @@ from rich.table import Table
 
 from app import sky
 from app.db import migrate
-from app.demo import _auth_headers, _check, _serving, _settle, simulate_crowd
+from app.demo import _auth_headers, _check, _serving, _settle, demo_config, simulate_crowd
 from app.errors import InputError
 from app.service import Service, build_service
 from app.settings import Settings
@@ -225,13 +225,7 @@ def workflow_config(machine: str, cap: int, box: float) -> dict[str, Any]:
     return {
         "name": "Synthetic sky: smooth or featured?",
         "classes": list(CLASSES),
-        "question": {
-            "task": "T0",
-            "answers": [
-                {"index": 0, "label": "Smooth", "class": "smooth"},
-                {"index": 1, "label": "Features or disk", "class": "featured"},
-            ],
-        },
+        "question": demo_config(cap)["question"],  # Galaxy Zoo's first question, as the demo's
         "retirement": {**retirement, "kind": "risk", "risk_bound": 0.02},
         # Export what the rule retired: the answer bounds match the risk bound.
         "exports": {"answer_bounds": [0.02, 0.98]},
@@ -371,8 +365,8 @@ class Loop:
         self.console = console
         self.images_dir = workdir / "images"
         self.workdir = workdir
-        self.number = 0
         offset = 0 if machine == "detector" else 1_000_000
+        self.number = offset * 10  # classification ids: each machine's loop has its own range
         n_all = sizes.n_train + sizes.n_eval + sizes.n_gold
         self.images = sky.generate(
             n_all, size=sizes.image_size, seed=sizes.seed, first_id=SUBJECT_BASE + offset

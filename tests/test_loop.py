@@ -120,3 +120,47 @@ def test_a_good_machine_volunteer_saves_human_classifications(tmp_path: Path, ma
     saved = json.loads((tmp_path / "work" / "loop-report.json").read_text())
     assert saved[0]["machine"] == machine
     assert saved[0]["effort_ratio"] == pytest.approx(report.effort_ratio)
+
+
+@pytest.mark.slow
+def test_gzx_demo_loop_completes_with_the_real_trainers(tmp_path: Path, monkeypatch: Any) -> None:
+    """`gzx demo --loop` end to end at a tiny size: the real Faster R-CNN and CNN, trained for an
+    epoch on the CPU, post their predictions through the real route (`gzx predict`'s client)."""
+    pytest.importorskip("torch")
+    pytest.importorskip("torchvision")
+    from typer.testing import CliRunner
+
+    from app.cli import cli
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("GZX_TOKENS", raising=False)
+    result = CliRunner().invoke(
+        cli,
+        [
+            "demo",
+            "--loop",
+            "--port",
+            "0",
+            "--subjects",
+            "40",
+            "--volunteers",
+            "20",
+            "--epochs",
+            "1",
+            "--image-size",
+            "32",
+            "--workdir",
+            str(tmp_path / "loop"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    reports = json.loads((tmp_path / "loop" / "loop-report.json").read_text())
+    assert [r["machine"] for r in reports] == ["detector", "classifier"]
+    for report in reports:
+        # Every evaluation subject and gold subject got the machine's prediction as a vote.
+        assert report["with_machine"]["machine_votes"] == 16 + 24
+        assert report["humans"]["human_classifications"] > 0
+        assert report["model_metrics"]
+    assert (tmp_path / "loop" / "detector" / "model-detector" / "model.pt").is_file()
+    assert (tmp_path / "loop" / "classifier" / "model-classifier" / "model.json").is_file()
+    assert "fewer with the machine" in result.output
