@@ -23,6 +23,7 @@ MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 OPTIMIZE_EVERY_S = 60.0
 OPTIMIZE_BUSY_MS = 100
 BUSY_TIMEOUT_S = 30
+CHECKS_ALL_TABLES = sqlite3.sqlite_version_info >= (3, 46, 0)  # optimize's 0x10000 bit
 
 
 def make_engine(settings: Settings) -> Engine:
@@ -69,11 +70,40 @@ def _optimize(dbapi_connection: Any, statement: str) -> None:
         try:
             cursor.execute(f"PRAGMA busy_timeout={OPTIMIZE_BUSY_MS}")
             cursor.execute(statement).fetchall()
+            if not CHECKS_ALL_TABLES:
+                _analyze_new_tables(cursor)
         finally:
             cursor.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_S * 1000}")
             cursor.close()
     except sqlite3.Error as error:
         log.debug("%s skipped: %s", statement, error)
+
+
+def _analyze_new_tables(cursor: Any) -> None:
+    """ANALYZE every indexed table that has rows and no statistics yet: what optimize's 0x10000
+    does from SQLite 3.46. Before, optimize looks only at the tables this connection's queries
+    used, and forgets them when another connection changes the schema (the first ANALYZE creates
+    sqlite_stat1), so a table could stay without statistics for good. Costs one `LIMIT 1` read
+    per such table; later growth is left to optimize's own 25-fold check."""
+    present = cursor.execute("SELECT 1 FROM sqlite_master WHERE name = 'sqlite_stat1'").fetchone()
+    analysed = (
+        {row[0] for row in cursor.execute("SELECT DISTINCT tbl FROM sqlite_stat1")}
+        if present
+        else set()
+    )
+    indexed = {
+        row[0]
+        for row in cursor.execute(
+            "SELECT DISTINCT tbl_name FROM sqlite_master WHERE type = 'index'"
+        )
+    }
+    for table in sorted(indexed - analysed):
+        quoted = '"' + table.replace('"', '""') + '"'
+        if (
+            not table.startswith("sqlite_")
+            and cursor.execute(f"SELECT 1 FROM {quoted} LIMIT 1").fetchone()
+        ):
+            cursor.execute(f"ANALYZE {quoted}")
 
 
 def _optimize_now_and_then(dbapi_connection: Any, record: Any) -> None:

@@ -842,16 +842,20 @@ def describe(export: Export) -> dict[str, Any]:
         "manifest": export.manifest,
         "files": files if export.status == "done" else [],
         "attempts": export.attempts,
-        "webhook": None
-        if export.webhook_status is None
-        else {
-            "status": export.webhook_status,
-            "attempts": export.webhook_attempts,
-            "next_attempt_at": export.webhook_next_at.isoformat()
-            if export.webhook_next_at and export.webhook_status == "failed"
-            else None,
-            "last_error": export.webhook_error,
-        },
+        "webhook": _webhook_state(export),
+    }
+
+
+def _webhook_state(export: Export) -> dict[str, Any] | None:
+    """The export webhook's delivery as GET /v1/exports/{id} shows it (None without one)."""
+    if export.webhook_status is None:
+        return None
+    retry = export.webhook_next_at if export.webhook_status == "failed" else None
+    return {
+        "status": export.webhook_status,
+        "attempts": export.webhook_attempts,
+        "next_attempt_at": as_utc(retry).isoformat() if retry is not None else None,
+        "last_error": export.webhook_error,
     }
 
 
