@@ -64,7 +64,7 @@ SUBJECT_BASE = 70_000_000
 USER_BASE = 3_000_000
 CLASSIFICATION_BASE = 800_000_000
 STARTED_AT = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
-MARK_RISK_BOUND = 0.5
+MARK_RISK_BOUND = 0.2
 WORKFLOWS = {"detector": (11, 12, 13), "classifier": (21, 22, 23)}  # bootstrap, humans, machine
 
 
