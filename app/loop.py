@@ -80,6 +80,9 @@ class LoopSizes:
     cap: int = 10
     epochs: int = 8
     seed: int = 0
+    # The machine arm's marks risk bound (None: the same as the humans'); a tighter one trades
+    # some of the saving for accuracy, to compare the two arms at equal accuracy.
+    machine_mark_risk_bound: float | None = None
 
 
 @dataclass
@@ -201,7 +204,9 @@ def point_size(images: Sequence[sky.SkyImage]) -> float:
     return float(max(3.0, np.median(sides))) if sides else 5.0
 
 
-def workflow_config(machine: str, cap: int, box: float) -> dict[str, Any]:
+def workflow_config(
+    machine: str, cap: int, box: float, mark_risk_bound: float = MARK_RISK_BOUND
+) -> dict[str, Any]:
     """Clump Scout-like (detector) or Galaxy-Zoo-like (classifier) workflow configuration."""
     retirement: dict[str, Any] = {"min_views": 2, "cap": cap}
     if machine == "detector":
@@ -219,7 +224,7 @@ def workflow_config(machine: str, cap: int, box: float) -> dict[str, Any]:
                     }
                 ],
             },
-            "retirement": {**retirement, "mark_risk_bound": MARK_RISK_BOUND},
+            "retirement": {**retirement, "mark_risk_bound": mark_risk_bound},
             "exports": {"max_expected_missed": 0.3},
         }
     return {
@@ -379,8 +384,8 @@ class Loop:
 
     # -- HTTP helpers
 
-    def _configure(self, workflow_id: int) -> None:
-        config = workflow_config(self.machine, self.sizes.cap, self.box)
+    def _configure(self, workflow_id: int, mark_risk_bound: float = MARK_RISK_BOUND) -> None:
+        config = workflow_config(self.machine, self.sizes.cap, self.box, mark_risk_bound)
         _check(self.client.put(f"/v1/workflows/{workflow_id}", json=config))
 
     def _gold(self, workflow_id: int) -> None:
@@ -484,7 +489,8 @@ class Loop:
     def evaluate(self, crowd: Crowd, model_dir: Path | None) -> ArmResult:
         index = 2 if model_dir is not None else 1
         workflow_id = WORKFLOWS[self.machine][index]
-        self._configure(workflow_id)
+        bound = self.sizes.machine_mark_risk_bound
+        self._configure(workflow_id, bound if bound is not None and model_dir else MARK_RISK_BOUND)
         self._gold(workflow_id)
         machine_votes = 0
         if model_dir is not None:

@@ -37,49 +37,73 @@ def main() -> None:
     parser.add_argument("--volunteers", type=int, default=80)
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument(
+        "--machine-bounds",
+        type=float,
+        nargs="+",
+        default=[0.2],
+        help="the machine arm's marks risk bounds to try (the humans' is app.loop.MARK_RISK_BOUND)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     console = Console()
     runs: list[dict[str, Any]] = []
     for seed in args.seeds:
-        sizes = LoopSizes(
-            n_train=args.n_train,
-            n_eval=args.n_eval,
-            n_gold=args.n_gold,
-            n_volunteers=args.volunteers,
-            image_size=args.image_size,
-            epochs=args.epochs,
-            seed=seed,
-        )
-        with tempfile.TemporaryDirectory(prefix="gzx-loop-") as folder:
-            began = time.perf_counter()
-            reports = run_loop(
-                Settings(database_url=f"sqlite:///{folder}/loop.db"),
-                Path(folder),
-                machines=args.machines,
-                sizes=sizes,
-                console=console,
+        for n, bound in enumerate(args.machine_bounds):
+            # The bound only concerns the drawing workflow: the classifier runs once a seed.
+            machines = [m for m in args.machines if m == "detector" or n == 0]
+            if not machines:
+                continue
+            sizes = LoopSizes(
+                n_train=args.n_train,
+                n_eval=args.n_eval,
+                n_gold=args.n_gold,
+                n_volunteers=args.volunteers,
+                image_size=args.image_size,
+                epochs=args.epochs,
+                seed=seed,
+                machine_mark_risk_bound=bound,
             )
-            for report in reports:
-                runs.append({"seed": seed, **report.to_json()})
-            console.print(f"seed {seed}: {time.perf_counter() - began:.0f} s")
+            with tempfile.TemporaryDirectory(prefix="gzx-loop-") as folder:
+                began = time.perf_counter()
+                reports = run_loop(
+                    Settings(database_url=f"sqlite:///{folder}/loop.db"),
+                    Path(folder),
+                    machines=machines,
+                    sizes=sizes,
+                    console=console,
+                )
+                for report in reports:
+                    runs.append({"seed": seed, **report.to_json()})
+                console.print(f"seed {seed}, bound {bound}: {time.perf_counter() - began:.0f} s")
     summary = {}
     for machine in args.machines:
-        mine = [r for r in runs if r["machine"] == machine]
+        for bound in args.machine_bounds if machine == "detector" else args.machine_bounds[:1]:
+            mine = [
+                r
+                for r in runs
+                if r["machine"] == machine
+                and (machine != "detector" or r["sizes"]["machine_mark_risk_bound"] == bound)
+            ]
 
-        def median(arm: str, key: str, of: list[dict[str, Any]] = mine) -> float:
-            return float(statistics.median(r[arm][key] for r in of))
+            def median(arm: str, key: str, of: list[dict[str, Any]] = mine) -> float:
+                return float(statistics.median(r[arm][key] for r in of))
 
-        summary[machine] = {
-            "seeds": len(mine),
-            "effort_ratio_median": float(statistics.median(r["effort_ratio"] for r in mine)),
-            "humans_per_retired_median": median("humans", "per_retired"),
-            "machine_per_retired_median": median("with_machine", "per_retired"),
-            "humans_accuracy_median": median("humans", "accuracy"),
-            "machine_accuracy_median": median("with_machine", "accuracy"),
-            "humans_per_subject_median": median("humans", "per_subject"),
-            "machine_per_subject_median": median("with_machine", "per_subject"),
-        }
+            name = (
+                f"{machine}, machine arm at marks risk {bound}"
+                if machine == "detector"
+                else machine
+            )
+            summary[name] = {
+                "seeds": len(mine),
+                "effort_ratio_median": float(statistics.median(r["effort_ratio"] for r in mine)),
+                "humans_per_retired_median": median("humans", "per_retired"),
+                "machine_per_retired_median": median("with_machine", "per_retired"),
+                "humans_accuracy_median": median("humans", "accuracy"),
+                "machine_accuracy_median": median("with_machine", "accuracy"),
+                "humans_per_subject_median": median("humans", "per_subject"),
+                "machine_per_subject_median": median("with_machine", "per_subject"),
+            }
     result = {
         "command": "benchmarks/loop.py "
         + " ".join(
