@@ -650,6 +650,17 @@ def train_detector(
     console.print(detector.describe_metrics(metrics))
 
 
+# Options shared by `gzx predict` and `gzx predict-classifier`.
+PostOption = Annotated[
+    str | None, typer.Option(help="Full URL of POST /v1/workflows/{id}/predictions.")
+]
+TokenOption = Annotated[
+    str | None, typer.Option(envvar="GZX_TOKEN", help="Bearer token (ingest scope).")
+]
+OutOption = Annotated[Path | None, typer.Option(help="Write the predictions JSON here.")]
+ChunkOption = Annotated[int, typer.Option(help="Predictions a request (at most 10,000).")]
+
+
 @cli.command("predict")
 def predict_detector(
     model_dir: Annotated[Path, typer.Argument(help="A model directory written by `gzx train`.")],
@@ -657,15 +668,11 @@ def predict_detector(
     subjects: Annotated[
         Path | None, typer.Option(help="File of subject ids (one a line); default: every image.")
     ] = None,
-    post: Annotated[
-        str | None, typer.Option(help="Full URL of POST /v1/workflows/{id}/predictions.")
-    ] = None,
-    token: Annotated[
-        str | None, typer.Option(envvar="GZX_TOKEN", help="Bearer token (ingest scope).")
-    ] = None,
-    out: Annotated[Path | None, typer.Option(help="Write the predictions JSON here.")] = None,
+    post: PostOption = None,
+    token: TokenOption = None,
+    out: OutOption = None,
     batch_size: Annotated[int, typer.Option(help="Images a forward pass.")] = 16,
-    chunk: Annotated[int, typer.Option(help="Predictions a request (at most 10,000).")] = 1000,
+    chunk: ChunkOption = 1000,
 ) -> None:
     """Run a trained detector on images; post its boxes as a machine volunteer, or write them."""
     from app.train import common, detector
@@ -734,14 +741,10 @@ def train_classifier(
 def predict_classifier(
     model_dir: Annotated[Path, typer.Argument(help="Written by `gzx train-classifier`.")],
     images: Annotated[Path, typer.Option(help="Folder of images named <subject id>.<ext>.")],
-    post: Annotated[
-        str | None, typer.Option(help="Full URL of POST /v1/workflows/{id}/predictions.")
-    ] = None,
-    token: Annotated[
-        str | None, typer.Option(envvar="GZX_TOKEN", help="Bearer token (ingest scope).")
-    ] = None,
-    out: Annotated[Path | None, typer.Option(help="Write the predictions JSON here.")] = None,
-    chunk: Annotated[int, typer.Option(help="Predictions a request (at most 10,000).")] = 1000,
+    post: PostOption = None,
+    token: TokenOption = None,
+    out: OutOption = None,
+    chunk: ChunkOption = 1000,
 ) -> None:
     """Class probabilities for every image: posted as a machine volunteer, or written to OUT."""
     from app.train import classifier, common
