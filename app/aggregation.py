@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app import answers, clusters, levels, marks, parsing, store
 from app.errors import InputError
-from app.models import Retirement, Workflow, WorkflowSubject, as_utc, utcnow
+from app.models import Workflow, WorkflowSubject, as_utc, utcnow
 from app.workflows import WorkflowConfig, load_config
 
 IntArray = npt.NDArray[np.int64]
@@ -146,6 +146,13 @@ def gather_votes(
 ) -> SubjectVotes:
     task = config.question.task if config.question else None
     rows = store.subject_votes(session, workflow_id, subject_ids, task)
+    return votes_of_rows(rows, config, subject_ids)
+
+
+def votes_of_rows(
+    rows: Sequence[store.VoteRow], config: WorkflowConfig, subject_ids: Sequence[int]
+) -> SubjectVotes:
+    """The votes that count among stored rows (`store.subject_votes`), as arrays."""
     position_of = {s: i for i, s in enumerate(subject_ids)}
     n_classifications = np.zeros(len(subject_ids), dtype=np.int64)
     first: list[store.VoteRow] = []
@@ -174,16 +181,24 @@ def gather_votes(
 
 
 def gold_from_signals(
-    session: Session, workflow_id: int, config: WorkflowConfig, subject_ids: Sequence[int]
-) -> None:
+    session: Session,
+    workflow_id: int,
+    config: WorkflowConfig,
+    contexts: dict[int, store.SubjectContext],
+    experts: Sequence[tuple[int, int | None, str | None]],
+) -> dict[int, str]:
     """Gold that the platform's own data carries: an expert's gold-standard classification, or a
-    training subject's feedback answer in its metadata. Uploaded gold always wins over these."""
+    training subject's feedback answer in its metadata. Uploaded gold always wins over these.
+    Stores the new labels; returns every gold label of the subjects, these included."""
+    gold = {s: c.gold_label for s, c in contexts.items() if c.gold_label is not None}
     if config.question is None:
-        return
+        return gold
     labels: dict[int, str] = {}
-    for subject, metadata in store.subject_metadata(session, subject_ids).items():
+    for subject, context in contexts.items():
+        if context.metadata is None:
+            continue
         try:
-            signal = parsing.gold_from_metadata(metadata)
+            signal = parsing.gold_from_metadata(context.metadata)
         except InputError:
             continue  # malformed feedback keys: not truth we can use
         if signal is None:
@@ -193,22 +208,16 @@ def gold_from_signals(
             if k is not None:
                 labels[subject] = config.classes[k]
                 break
-    for subject, value, label in store.expert_answers(
-        session, workflow_id, subject_ids, config.question.task
-    ):
+    for subject, value, label in experts:
         k = class_of_vote(value, label, config)
         if k is not None:
             labels[subject] = config.classes[k]
-    if not labels:
-        return
-    uploaded = {
-        s
-        for s, source in store.gold_sources(session, workflow_id, list(labels)).items()
-        if source == "upload"
-    }
-    by_source = {s: label for s, label in labels.items() if s not in uploaded}
+    by_source = {s: label for s, label in labels.items() if contexts[s].gold_source != "upload"}
     if by_source:
-        store.upsert_gold(session, workflow_id, by_source, source="platform")
+        known = {s: gold[s] for s in by_source if s in gold}
+        store.upsert_gold(session, workflow_id, by_source, source="platform", existing=known)
+        gold.update(by_source)
+    return gold
 
 
 def update_subjects(
@@ -221,8 +230,19 @@ def update_subjects(
     with (a refit moved the skills, or later votes disagree), it is marked `contested` for a
     researcher to review. Subjects retired by the cap are not contested.
     """
-    gold_from_signals(session, workflow.id, config, subject_ids)
-    votes = gather_votes(session, workflow.id, config, subject_ids)
+    # Four statements when the snapshot is cached (an online update pays for each round trip):
+    # the subjects' status, metadata and gold with the snapshot's time; their votes with the
+    # experts' answers; the voters' live gold counts; the writes (`save_subject_states`).
+    contexts, snapshot_created = store.subject_contexts(
+        session, workflow.id, subject_ids, workflow.skill_snapshot_id
+    )
+    task = config.question.task if config.question is not None else None
+    if task is not None:
+        rows, experts = store.subject_votes_and_experts(session, workflow.id, subject_ids, task)
+    else:
+        rows, experts = store.subject_votes(session, workflow.id, subject_ids, None), []
+    gold = gold_from_signals(session, workflow.id, config, contexts, experts)
+    votes = votes_of_rows(rows, config, subject_ids)
     S = len(subject_ids)
     states: list[dict[str, Any]] = [
         {
@@ -233,12 +253,16 @@ def update_subjects(
         }
         for i, s in enumerate(subject_ids)
     ]
-    gold = store.gold_labels(session, workflow.id, subject_ids)
     is_gold = np.array([s in gold for s in subject_ids], dtype=bool)
     settled: list[npt.NDArray[np.bool_]] = []
     reasons: npt.NDArray[np.str_] = np.full(S, answers.CONSENSUS, dtype="<U20")
     if config.question is not None:
-        posterior = _answer_posteriors(session, workflow, config, subject_ids, votes, gold)
+        snapshot = None
+        if workflow.skill_snapshot_id is not None:
+            snapshot = store.load_snapshot(session, workflow.skill_snapshot_id, snapshot_created)
+        posterior = _answer_posteriors(
+            session, workflow, config, subject_ids, votes, gold, snapshot
+        )
         for i, state in enumerate(states):
             state.update(
                 posterior=[float(x) for x in posterior[i]],
@@ -249,7 +273,7 @@ def update_subjects(
         settled.append(decided != answers.NOT_RETIRED)
         reasons = np.where(decided != answers.NOT_RETIRED, decided, reasons)
     if config.drawing is not None:
-        is_gold |= np.isin(subject_ids, list(store.gold_boxes(session, workflow.id, subject_ids)))
+        is_gold |= np.array([contexts[s].gold_boxes is not None for s in subject_ids], dtype=bool)
         drawing = clusters.update_clusters(
             session, workflow, config, subject_ids, votes.views, votes.kept_classifications
         )
@@ -268,7 +292,7 @@ def update_subjects(
     if cap is not None:
         final = np.where(~combined & (votes.n_views >= cap), answers.CLASSIFICATION_COUNT, final)
     final = np.where(is_gold | (votes.n_views < config.retirement.min_views), "", final)
-    _record_decisions(session, workflow, subject_ids, states, final, votes.n_views)
+    _record_decisions(session, workflow, contexts, states, final, votes.n_views)
     levels.evaluate_after_apply(session, workflow.id, config, subject_ids, gold)  # views unapplied
     store.save_subject_states(session, workflow.id, states)
     return states
@@ -281,12 +305,11 @@ def _answer_posteriors(
     subject_ids: Sequence[int],
     votes: SubjectVotes,
     gold: dict[int, str],
+    snapshot: store.Snapshot | None,
 ) -> npt.NDArray[np.float64]:
     """Posterior per class (S,K) under the current skills; gold subjects are their gold label."""
     volunteers, local = np.unique(votes.volunteer, return_inverse=True)
-    skills = skills_for(
-        session, workflow.id, config, current_snapshot(session, workflow), volunteers
-    )
+    skills = skills_for(session, workflow.id, config, snapshot, volunteers)
     posterior = answers.subject_posteriors(
         votes.position, local, votes.answer, len(subject_ids), skills
     )
@@ -299,46 +322,41 @@ def _answer_posteriors(
 def _record_decisions(
     session: Session,
     workflow: Workflow,
-    subject_ids: Sequence[int],
+    contexts: dict[int, store.SubjectContext],
     states: list[dict[str, Any]],
     reasons: npt.NDArray[np.str_],
     n_views: IntArray,
 ) -> None:
-    """Retire live subjects that are now settled (an event each); flag retired ones whose answer
-    changed as contested."""
-    existing = {
-        row.subject_id: row
-        for row in session.query(WorkflowSubject).filter(
-            WorkflowSubject.workflow_id == workflow.id, WorkflowSubject.subject_id.in_(subject_ids)
-        )
-    }
+    """Retire live subjects that are now settled (an event each, inserted together); flag
+    retired ones whose answer changed as contested. Their status was read with their context."""
     now = utcnow()
+    events: list[dict[str, Any]] = []
     for i, state in enumerate(states):
-        row = existing.get(state["subject_id"])
-        status = row.status if row is not None else "live"
+        row = contexts[state["subject_id"]]
+        status = row.status
         reason = str(reasons[i])
         label = state.get("label")
         if status == "live" and reason:
-            session.add(
-                Retirement(
-                    workflow_id=workflow.id,
-                    subject_id=state["subject_id"],
-                    reason=reason,
-                    posterior=state.get("posterior"),
-                    n_votes=int(n_views[i]),
-                    source="online",
-                    created_at=now,
-                )
+            events.append(
+                {
+                    "workflow_id": workflow.id,
+                    "subject_id": state["subject_id"],
+                    "reason": reason,
+                    "posterior": state.get("posterior"),
+                    "n_votes": int(n_views[i]),
+                    "source": "online",
+                    "created_at": now,
+                }
             )
             state.update(status="retired", reason=reason, retired_at=now, retired_label=label)
         elif (
             status == "retired"
-            and row is not None
             and row.reason != answers.CLASSIFICATION_COUNT
             and label != row.retired_label
         ):
             # Contested: the answer it was retired with is no longer the most probable one.
             state.update(status="contested")
+    store.insert_retirements(session, events)  # one statement for the batch
 
 
 def apply_pending(sessions: sessionmaker[Session], workflow_id: int, batch_size: int = 50) -> int:

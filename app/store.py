@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -17,7 +18,20 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from sqlalchemy import JSON, BigInteger, case, cast, delete, func, literal, select, text, update
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Table,
+    bindparam,
+    case,
+    cast,
+    delete,
+    func,
+    literal,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -864,10 +878,12 @@ class VoteRow:
     answer_label: str | None
 
 
-def subject_votes(
-    session: Session, workflow_id: int, subject_ids: Sequence[int], task: str | None
-) -> list[VoteRow]:
-    """Every view of the given subjects, each with its answer to `task` (None when it has none)."""
+def _subject_vote_query(
+    workflow_id: int, subject_ids: Sequence[int], task: str | None, *, everyone: bool
+) -> Any:
+    """Views of the given subjects joined to their answer to `task`, ordered by subject, then
+    arrival; `everyone` keeps excluded volunteers and adds whether each volunteer is excluded
+    and whether the classification is an expert's gold standard."""
     answer = (
         select(Answer.classification_id, Answer.value, Answer.label)
         .where(
@@ -877,54 +893,182 @@ def subject_votes(
         )
         .subquery()
     )
+    columns: list[Any] = [
+        View.classification_id,
+        View.subject_id,
+        View.volunteer_id,
+        View.created_at,
+        Classification.version_major,
+        Classification.version_minor,
+        answer.c.value,
+        answer.c.label,
+    ]
+    if everyone:
+        columns += [Volunteer.excluded, Classification.gold_standard]
     query = (
-        select(
-            View.classification_id,
-            View.subject_id,
-            View.volunteer_id,
-            View.created_at,
-            Classification.version_major,
-            Classification.version_minor,
-            answer.c.value,
-            answer.c.label,
-        )
+        select(*columns)
         .join(Classification, Classification.id == View.classification_id)
         .join(Volunteer, Volunteer.id == View.volunteer_id)
         .outerjoin(answer, answer.c.classification_id == View.classification_id)
-        .where(
-            View.workflow_id == workflow_id,
-            View.subject_id.in_(subject_ids),
-            Volunteer.excluded.is_(False),
-        )
+        .where(View.workflow_id == workflow_id, View.subject_id.in_(subject_ids))
         .order_by(View.subject_id, View.created_at, View.classification_id)
     )
-    return [
-        VoteRow(
-            cid, sid, vid, created, None if major is None else (major, minor or 0), value, label
-        )
-        for cid, sid, vid, created, major, minor, value, label in session.execute(query)
+    return query if everyone else query.where(Volunteer.excluded.is_(False))
+
+
+def _vote_row(row: Any) -> VoteRow:
+    cid, sid, vid, created, major, minor, value, label = row[:8]
+    return VoteRow(
+        cid, sid, vid, created, None if major is None else (major, minor or 0), value, label
+    )
+
+
+def subject_votes(
+    session: Session, workflow_id: int, subject_ids: Sequence[int], task: str | None
+) -> list[VoteRow]:
+    """Every view of the given subjects, each with its answer to `task` (None when it has none)."""
+    query = _subject_vote_query(workflow_id, subject_ids, task, everyone=False)
+    return [_vote_row(row) for row in session.execute(query)]
+
+
+def subject_votes_and_experts(
+    session: Session, workflow_id: int, subject_ids: Sequence[int], task: str
+) -> tuple[list[VoteRow], list[tuple[int, int | None, str | None]]]:
+    """`subject_votes` and `expert_answers` of the same subjects in one statement (an online
+    update pays for each round trip): an expert's classification is one of the subject's views,
+    and its answer to `task` is on the same row. Excluded volunteers' rows are read, and kept
+    out of the votes here, because an expert's gold counts whoever gave it."""
+    votes: list[VoteRow] = []
+    experts: list[tuple[int, int | None, str | None]] = []
+    query = _subject_vote_query(workflow_id, subject_ids, task, everyone=True)
+    for row in session.execute(query):
+        excluded, gold_standard = row[8], row[9]
+        if excluded is not None and not excluded:
+            votes.append(_vote_row(row))
+        if gold_standard is not None and gold_standard and (row[6], row[7]) != (None, None):
+            experts.append((row[1], row[6], row[7]))
+    return votes, experts
+
+
+@dataclass(frozen=True)
+class SubjectContext:
+    """What an online update needs to know of a subject besides its votes, read in one go."""
+
+    status: str
+    retired_label: str | None
+    reason: str | None
+    metadata: dict[str, Any] | None  # None: no subject row
+    gold_label: str | None
+    gold_source: str | None  # None: no gold row
+    gold_boxes: list[Any] | None
+
+
+def subject_contexts(
+    session: Session, workflow_id: int, subject_ids: Sequence[int], snapshot_id: int | None
+) -> tuple[dict[int, SubjectContext], datetime | None]:
+    """Each subject's status, metadata and gold, and when skill snapshot `snapshot_id` was taken
+    (None when it does not exist or none is given), in one statement where every subject has a
+    workflow row, as subjects applied by the worker do. Others (a direct call) cost two more."""
+    created = (
+        select(SkillSnapshot.created_at)
+        .where(SkillSnapshot.id == snapshot_id)
+        .scalar_subquery()
+        .label("snapshot_created")
+    )
+    columns: list[Any] = [
+        WorkflowSubject.subject_id,
+        WorkflowSubject.status,
+        WorkflowSubject.retired_label,
+        WorkflowSubject.reason,
+        Subject.id,
+        Subject.subject_metadata,
+        Gold.label,
+        Gold.source,
+        Gold.boxes,
     ]
+    query = (
+        select(*columns, *([created] if snapshot_id is not None else []))
+        .outerjoin(Subject, Subject.id == WorkflowSubject.subject_id)
+        .outerjoin(
+            Gold,
+            (Gold.workflow_id == WorkflowSubject.workflow_id)
+            & (Gold.subject_id == WorkflowSubject.subject_id),
+        )
+        .where(
+            WorkflowSubject.workflow_id == workflow_id,
+            WorkflowSubject.subject_id.in_(subject_ids),
+        )
+    )
+    contexts: dict[int, SubjectContext] = {}
+    snapshot_created: datetime | None = None
+    for row in session.execute(query):
+        subject, status, retired_label, reason, known, metadata, label, source, boxes = row[:9]
+        if snapshot_id is not None:
+            snapshot_created = row[9]
+        contexts[subject] = SubjectContext(
+            status,
+            retired_label,
+            reason,
+            (metadata or {}) if known is not None else None,
+            label,
+            source,
+            list(boxes) if boxes is not None else None,
+        )
+    missing = [s for s in subject_ids if s not in contexts]
+    if missing:
+        metadata_of = subject_metadata(session, missing)
+        gold_query = select(Gold.subject_id, Gold.label, Gold.source, Gold.boxes).where(
+            Gold.workflow_id == workflow_id, Gold.subject_id.in_(missing)
+        )
+        gold_of = {
+            s: (label, source, boxes) for s, label, source, boxes in session.execute(gold_query)
+        }
+        for s in missing:
+            label, source, boxes = gold_of.get(s, (None, None, None))
+            contexts[s] = SubjectContext(
+                "live",
+                None,
+                None,
+                metadata_of.get(s),
+                label,
+                source,
+                list(boxes) if boxes is not None else None,
+            )
+        if snapshot_id is not None and len(missing) == len(set(subject_ids)):
+            snapshot_created = snapshot_time(session, snapshot_id)
+    return contexts, snapshot_created
 
 
 def save_subject_states(
     session: Session, workflow_id: int, states: Sequence[dict[str, Any]]
 ) -> None:
-    """Write recomputed subject states and clear their pending flags; views become applied."""
+    """Write recomputed subject states and clear their pending flags; views become applied.
+
+    States with the same fields share one executemany (a retired subject has more fields than
+    a live one), which psycopg sends as a pipeline: one round trip for a batch, not one each.
+    """
     now = utcnow()
+    table = WorkflowSubject.__table__
+    assert isinstance(table, Table)
+    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
     for state in states:
-        session.execute(
-            update(WorkflowSubject)
-            .where(
-                WorkflowSubject.workflow_id == workflow_id,
-                WorkflowSubject.subject_id == state["subject_id"],
-            )
-            .values(
-                pending=False,
-                pending_since=None,
-                updated_at=now,
-                **{k: v for k, v in state.items() if k != "subject_id"},
-            )
+        fields = {k: v for k, v in state.items() if k != "subject_id"}
+        groups.setdefault(tuple(sorted(fields)), []).append(
+            {
+                "b_workflow": workflow_id,
+                "b_subject": state["subject_id"],
+                "pending": False,
+                "pending_since": None,
+                "updated_at": now,
+                **fields,
+            }
         )
+    statement = update(table).where(
+        table.c.workflow_id == bindparam("b_workflow"),
+        table.c.subject_id == bindparam("b_subject"),
+    )
+    for rows in groups.values():
+        session.execute(statement, rows)
     subject_ids = [s["subject_id"] for s in states]
     session.execute(
         update(View)
@@ -955,21 +1099,32 @@ class Snapshot:
     last_view_id: int
 
 
-_snapshot_cache: dict[tuple[str, int, str], Snapshot] = {}
+_snapshot_cache: OrderedDict[tuple[str, int, str], Snapshot] = OrderedDict()
+_SNAPSHOTS_KEPT = 16  # a process serves a few workflows; the least recently used go
 
 
-def load_snapshot(session: Session, snapshot_id: int) -> Snapshot:
-    """A snapshot's arrays; snapshots are immutable, so each process keeps those it read."""
-    created = session.scalar(
-        select(SkillSnapshot.created_at).where(SkillSnapshot.id == snapshot_id)
-    )
+def load_snapshot(
+    session: Session, snapshot_id: int, created_at: datetime | None = None
+) -> Snapshot:
+    """A snapshot's arrays; snapshots are immutable, so each process keeps those it read.
+
+    The cache key holds the snapshot's creation time as well as its id, because ids may be
+    reused after a database restore; a caller that read that time already (an online update
+    reads it with the subjects) passes it and saves the round trip that checks it.
+    """
+    created = created_at
+    if created is None:
+        created = session.scalar(
+            select(SkillSnapshot.created_at).where(SkillSnapshot.id == snapshot_id)
+        )
     if created is None:
         raise LookupError(f"skill snapshot {snapshot_id} does not exist")
     bind = session.get_bind()
     url = str(bind.engine.url)
-    key = (url, snapshot_id, created.isoformat())  # ids may be reused after a restore
+    key = (url, snapshot_id, created.isoformat())
     cached = _snapshot_cache.get(key)
     if cached is not None:
+        _snapshot_cache.move_to_end(key)
         return cached
     row = session.get(SkillSnapshot, snapshot_id)
     assert row is not None
@@ -986,9 +1141,9 @@ def load_snapshot(session: Session, snapshot_id: int) -> Snapshot:
         row.created_at,
         row.last_view_id,
     )
-    if len(_snapshot_cache) >= 16:  # a process serves a few workflows; old snapshots go
-        _snapshot_cache.clear()
     _snapshot_cache[key] = snapshot
+    while len(_snapshot_cache) > _SNAPSHOTS_KEPT:
+        _snapshot_cache.popitem(last=False)
     return snapshot
 
 
@@ -1069,10 +1224,16 @@ def gold_votes_of(
 
 
 def upsert_gold(
-    session: Session, workflow_id: int, labels: dict[int, str], source: str
+    session: Session,
+    workflow_id: int,
+    labels: dict[int, str],
+    source: str,
+    existing: dict[int, str] | None = None,
 ) -> list[int]:
-    """Store gold labels; returns the subjects whose gold label is new or changed."""
-    existing = gold_labels(session, workflow_id, list(labels))
+    """Store gold labels; returns the subjects whose gold label is new or changed. `existing`:
+    the stored labels of these subjects, when the caller has read them already."""
+    if existing is None:
+        existing = gold_labels(session, workflow_id, list(labels))
     changed = [s for s, label in labels.items() if existing.get(s) != label]
     if not changed:
         return []
