@@ -71,9 +71,12 @@ def skills_for(
     config: WorkflowConfig,
     snapshot: store.Snapshot | None,
     volunteer_ids: IntArray,
+    gold_votes: Sequence[store.GoldVote] | None = None,
 ) -> answers.Skills:
     """Skills of the given volunteers (in that order): the snapshot's counts plus their answers on
     gold subjects stored since it was taken. Without a snapshot everyone is the average volunteer.
+    `gold_votes`: those answers when the caller read them already (of these volunteers or more,
+    as `store.gold_votes_of` orders them).
     """
     K = len(config.classes)
     counts = np.zeros((volunteer_ids.size, K, K))
@@ -92,12 +95,16 @@ def skills_for(
         prior = fixed
     if config.question is not None and volunteer_ids.size:
         after = snapshot.last_view_id if snapshot is not None else 0
-        rows = store.gold_votes_of(
-            session, workflow_id, volunteer_ids.tolist(), config.question.task, after
-        )
+        rows = gold_votes
+        if rows is None:
+            rows = store.gold_votes_of(
+                session, workflow_id, volunteer_ids.tolist(), config.question.task, after
+            )
         index = {int(v): i for i, v in enumerate(volunteer_ids)}
         seen: set[tuple[int, int]] = set()
         for volunteer, subject, _created, value, label, gold in rows:
+            if volunteer not in index:
+                continue
             answer = class_of_vote(value, label, config)
             truth = config.classes.index(gold) if gold in config.classes else None
             if answer is None or truth is None or (volunteer, subject) in seen:
@@ -232,13 +239,22 @@ def update_subjects(
     """
     # Four statements when the snapshot is cached (an online update pays for each round trip):
     # the subjects' status, metadata and gold with the snapshot's time; their votes with the
-    # experts' answers; the voters' live gold counts; the writes (`save_subject_states`).
+    # experts' answers and the voters' gold answers since the snapshot; the two writes.
     contexts, snapshot_created = store.subject_contexts(
         session, workflow.id, subject_ids, workflow.skill_snapshot_id
     )
-    task = config.question.task if config.question is not None else None
-    if task is not None:
-        rows, experts = store.subject_votes_and_experts(session, workflow.id, subject_ids, task)
+    snapshot = None
+    gold_votes: list[store.GoldVote] = []
+    if config.question is not None:
+        if workflow.skill_snapshot_id is not None:
+            snapshot = store.load_snapshot(session, workflow.skill_snapshot_id, snapshot_created)
+        rows, experts, gold_votes = store.subject_votes_and_experts(
+            session,
+            workflow.id,
+            subject_ids,
+            config.question.task,
+            snapshot.last_view_id if snapshot is not None else 0,
+        )
     else:
         rows, experts = store.subject_votes(session, workflow.id, subject_ids, None), []
     gold = gold_from_signals(session, workflow.id, config, contexts, experts)
@@ -257,11 +273,8 @@ def update_subjects(
     settled: list[npt.NDArray[np.bool_]] = []
     reasons: npt.NDArray[np.str_] = np.full(S, answers.CONSENSUS, dtype="<U20")
     if config.question is not None:
-        snapshot = None
-        if workflow.skill_snapshot_id is not None:
-            snapshot = store.load_snapshot(session, workflow.skill_snapshot_id, snapshot_created)
         posterior = _answer_posteriors(
-            session, workflow, config, subject_ids, votes, gold, snapshot
+            session, workflow, config, subject_ids, votes, gold, snapshot, gold_votes
         )
         for i, state in enumerate(states):
             state.update(
@@ -306,10 +319,11 @@ def _answer_posteriors(
     votes: SubjectVotes,
     gold: dict[int, str],
     snapshot: store.Snapshot | None,
+    gold_votes: Sequence[store.GoldVote],
 ) -> npt.NDArray[np.float64]:
     """Posterior per class (S,K) under the current skills; gold subjects are their gold label."""
     volunteers, local = np.unique(votes.volunteer, return_inverse=True)
-    skills = skills_for(session, workflow.id, config, snapshot, volunteers)
+    skills = skills_for(session, workflow.id, config, snapshot, volunteers, gold_votes)
     posterior = answers.subject_posteriors(
         votes.position, local, votes.answer, len(subject_ids), skills
     )

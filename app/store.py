@@ -22,14 +22,18 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     Table,
+    any_,
     bindparam,
     case,
     cast,
     delete,
     func,
     literal,
+    literal_column,
+    null,
     select,
     text,
+    union_all,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
@@ -931,23 +935,81 @@ def subject_votes(
     return [_vote_row(row) for row in session.execute(query)]
 
 
+GoldVote = tuple[int, int, datetime, int | None, str | None, str]
+
+
 def subject_votes_and_experts(
-    session: Session, workflow_id: int, subject_ids: Sequence[int], task: str
-) -> tuple[list[VoteRow], list[tuple[int, int | None, str | None]]]:
-    """`subject_votes` and `expert_answers` of the same subjects in one statement (an online
-    update pays for each round trip): an expert's classification is one of the subject's views,
-    and its answer to `task` is on the same row. Excluded volunteers' rows are read, and kept
-    out of the votes here, because an expert's gold counts whoever gave it."""
+    session: Session, workflow_id: int, subject_ids: Sequence[int], task: str, after_view_id: int
+) -> tuple[list[VoteRow], list[tuple[int, int | None, str | None]], list[GoldVote]]:
+    """`subject_votes`, `expert_answers` and the voters' `gold_votes_of` for the same subjects
+    in one statement (an online update pays for each round trip).
+
+    An expert's classification is one of the subject's views, and its answer to `task` is on
+    the same row; excluded volunteers' rows are read, and kept out of the votes here, because
+    an expert's gold counts whoever gave it. The gold answers (after view `after_view_id`) are
+    those of everyone who saw these subjects, a superset of the voters whose answers count: the
+    caller keeps its own volunteers' rows, ordered as `gold_votes_of` orders them.
+    """
+    votes_query = _subject_vote_query(workflow_id, subject_ids, task, everyone=True)
+    voters = select(View.volunteer_id).where(
+        View.workflow_id == workflow_id, View.subject_id.in_(subject_ids)
+    )
+    # On PostgreSQL `= ANY(ARRAY(...))` makes the voters a parameter computed first, so the plan
+    # is `gold_votes_of`'s (their views by index); a plain IN (subquery) lets the planner scan
+    # every view since the snapshot instead, 2.5x slower on the benchmark's workflow.
+    voter_filter = (
+        View.volunteer_id == any_(func.array(voters.scalar_subquery()))
+        if is_postgres(session)
+        else View.volunteer_id.in_(voters)
+    )
+    gold_query = (
+        select(
+            literal(1).label("kind"),
+            View.classification_id,
+            View.subject_id,
+            View.volunteer_id,
+            View.created_at,
+            null(),
+            null(),
+            Answer.value,
+            Answer.label.label("answer_label"),
+            null(),
+            null(),
+            Gold.label.label("gold_label"),
+        )
+        .join(Answer, Answer.classification_id == View.classification_id)
+        .join(Gold, (Gold.workflow_id == View.workflow_id) & (Gold.subject_id == View.subject_id))
+        .where(
+            View.workflow_id == workflow_id,
+            voter_filter,
+            View.id > after_view_id,
+            Answer.task == task,
+            Gold.label.is_not(None),
+        )
+    )
+    votes_part = votes_query.add_columns(null().label("gold_label"))
+    votes_part = votes_part.with_only_columns(
+        literal(0).label("kind"), *votes_part.selected_columns
+    ).order_by(None)
+    # By position (kind, subject, created_at, classification): SQLite matches a compound's
+    # ORDER BY names only against the first SELECT's own labels.
+    query = union_all(votes_part, gold_query).order_by(*map(literal_column, ("1", "3", "5", "2")))
     votes: list[VoteRow] = []
     experts: list[tuple[int, int | None, str | None]] = []
-    query = _subject_vote_query(workflow_id, subject_ids, task, everyone=True)
+    gold: list[tuple[int, int, datetime, int, int | None, str | None, str]] = []
     for row in session.execute(query):
-        excluded, gold_standard = row[8], row[9]
+        if row[0] == 1:
+            cid, subject, volunteer, created, value, label = row[1:5] + row[7:9]
+            gold.append((volunteer, subject, created, cid, value, label, row[11]))
+            continue
+        vote = row[1:]
+        excluded, gold_standard = vote[8], vote[9]
         if excluded is not None and not excluded:
-            votes.append(_vote_row(row))
-        if gold_standard is not None and gold_standard and (row[6], row[7]) != (None, None):
-            experts.append((row[1], row[6], row[7]))
-    return votes, experts
+            votes.append(_vote_row(vote))
+        if gold_standard is not None and gold_standard and (vote[6], vote[7]) != (None, None):
+            experts.append((vote[1], vote[6], vote[7]))
+    gold.sort(key=lambda g: g[:4])  # volunteer, subject, created_at, classification
+    return votes, experts, [(u, s, t, v, label, g) for u, s, t, _, v, label, g in gold]
 
 
 @dataclass(frozen=True)

@@ -37,9 +37,9 @@ CONFIG = {
     "retirement": {"kind": "risk", "risk_bound": 0.05, "min_views": 3},
 }
 # Statements `update_subjects` sends for one question-task subject once the skill snapshot is
-# cached: the subject's status, metadata and gold (with the snapshot's time), its votes (with the
-# experts' answers), the voters' gold answers since the snapshot, and the two writes. It was 9.
-STATEMENTS_PER_UPDATE = 5
+# cached: the subject's status, metadata and gold (with the snapshot's time); its votes with the
+# experts' answers and the voters' gold answers since the snapshot; the two writes. It was 9.
+STATEMENTS_PER_UPDATE = 4
 
 
 @contextmanager
