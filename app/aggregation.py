@@ -193,13 +193,14 @@ def gold_from_signals(
     config: WorkflowConfig,
     contexts: dict[int, store.SubjectContext],
     experts: Sequence[tuple[int, int | None, str | None]],
-) -> dict[int, str]:
+) -> tuple[dict[int, str], bool]:
     """Gold that the platform's own data carries: an expert's gold-standard classification, or a
     training subject's feedback answer in its metadata. Uploaded gold always wins over these.
-    Stores the new labels; returns every gold label of the subjects, these included."""
+    Stores the new labels; returns every gold label of the subjects, these included, and whether
+    a stored label changed."""
     gold = {s: c.gold_label for s, c in contexts.items() if c.gold_label is not None}
     if config.question is None:
-        return gold
+        return gold, False
     labels: dict[int, str] = {}
     for subject, context in contexts.items():
         if context.metadata is None:
@@ -222,9 +223,12 @@ def gold_from_signals(
     by_source = {s: label for s, label in labels.items() if contexts[s].gold_source != "upload"}
     if by_source:
         known = {s: gold[s] for s in by_source if s in gold}
-        store.upsert_gold(session, workflow_id, by_source, source="platform", existing=known)
+        changed = store.upsert_gold(
+            session, workflow_id, by_source, source="platform", existing=known
+        )
         gold.update(by_source)
-    return gold
+        return gold, bool(changed)
+    return gold, False
 
 
 def update_subjects(
@@ -244,7 +248,7 @@ def update_subjects(
         session, workflow.id, subject_ids, workflow.skill_snapshot_id
     )
     snapshot = None
-    gold_votes: list[store.GoldVote] = []
+    gold_votes: list[store.GoldVote] | None = []
     if config.question is not None:
         if workflow.skill_snapshot_id is not None:
             snapshot = store.load_snapshot(session, workflow.skill_snapshot_id, snapshot_created)
@@ -257,7 +261,9 @@ def update_subjects(
         )
     else:
         rows, experts = store.subject_votes(session, workflow.id, subject_ids, None), []
-    gold = gold_from_signals(session, workflow.id, config, contexts, experts)
+    gold, gold_changed = gold_from_signals(session, workflow.id, config, contexts, experts)
+    if gold_changed:  # the gold answers were read before the new labels: read them again
+        gold_votes = None
     votes = votes_of_rows(rows, config, subject_ids)
     S = len(subject_ids)
     states: list[dict[str, Any]] = [
@@ -319,7 +325,7 @@ def _answer_posteriors(
     votes: SubjectVotes,
     gold: dict[int, str],
     snapshot: store.Snapshot | None,
-    gold_votes: Sequence[store.GoldVote],
+    gold_votes: Sequence[store.GoldVote] | None,
 ) -> npt.NDArray[np.float64]:
     """Posterior per class (S,K) under the current skills; gold subjects are their gold label."""
     volunteers, local = np.unique(votes.volunteer, return_inverse=True)

@@ -14,10 +14,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import numpy as np
 from sqlalchemy import event, select, update
 from sqlalchemy.engine import Engine
 
-from app import aggregation, store
+from app import aggregation, answers, store
 from app.models import Gold, Volunteer, Workflow, WorkflowSubject
 from app.parsing import parse_classification
 from app.service import Service
@@ -187,3 +188,37 @@ def test_expert_and_metadata_gold_still_land_and_an_upload_still_wins(service: S
     assert states[400]["n_classifications"] == 4  # the excluded expert's vote is not counted
     assert states[401]["n_classifications"] == 5
     assert all(s.get("status", "live") == "live" for s in states.values())  # gold never retires
+
+
+def test_gold_found_in_the_batch_teaches_the_voters_of_the_rest_of_the_batch(
+    service: Service,
+) -> None:
+    """An expert's answer makes subject 702 gold during the update of a batch that also holds
+    703: the voters' answers on 702 count in their skills for 703 at once (the gold answers are
+    read again after the new label), so 703's posterior equals the one computed afterwards."""
+    configure(service)
+    crowd = [(702, u, 0) for u in (1, 2, 3)] + [(703, u, 0) for u in (1, 2, 3)]
+    body = [p.classic(i + 1, s, u, a) for i, (s, u, a) in enumerate(crowd)]
+    expert = p.classic(50, 702, 99, 1)
+    expert["gold_standard"] = True
+    body.append(expert)
+    store_votes(service, body)
+    with service.sessions.begin() as session:
+        workflow = session.get(Workflow, WF)
+        assert workflow is not None and workflow.config is not None
+        config = load_config(workflow.config)
+        states = aggregation.update_subjects(session, workflow, config, [702, 703])
+    with service.sessions() as session:
+        workflow = session.get(Workflow, WF)
+        assert workflow is not None
+        history = aggregation.subject_history(session, workflow, config, 703)
+        uniform = answers.subject_posteriors(
+            np.zeros(3, dtype=np.int64),
+            np.arange(3),
+            np.zeros(3, dtype=np.int64),
+            1,
+            aggregation.skills_for(session, WF, config, None, np.array([1, 2, 3]), gold_votes=[]),
+        )
+    assert states[0]["posterior"] == [0.0, 1.0]
+    assert max(abs(a - b) for a, b in zip(history[-1], states[1]["posterior"], strict=True)) < 1e-12
+    assert abs(states[1]["posterior"][0] - float(uniform[0, 0])) > 1e-6  # the gold mattered
