@@ -91,31 +91,42 @@ def materialize(session: Session, workflow_id: int, config: WorkflowConfig) -> i
         .where(Retirement.workflow_id == workflow_id, Effect.id.is_(None))
         .order_by(Retirement.id)
     )
-    rows = []
-    now = utcnow()
+    causes = []
     for retirement_id, subject_id, platform_retired in session.execute(query).all():
-        skip = config.effects.dry_run or bool(platform_retired)
-        for kind in kinds:
-            rows.append(
-                {
-                    "retirement_id": retirement_id,
-                    "workflow_id": workflow_id,
-                    "subject_id": subject_id,
-                    "kind": kind,
-                    "status": "skipped" if skip else "pending",
-                    "attempts": 0,
-                    "next_attempt_at": now,
-                    "last_error": (
-                        "dry run" if config.effects.dry_run else "retired on the platform"
-                    )
-                    if skip
-                    else None,
-                    "created_at": now,
-                }
-            )
+        why = "dry run" if config.effects.dry_run else None
+        if why is None and platform_retired:
+            why = "retired on the platform"
+        causes.append(({"retirement_id": retirement_id, "subject_id": subject_id}, why))
+    return _write_outbox(session, workflow_id, kinds, causes, "retirement_id")
+
+
+def _write_outbox(
+    session: Session,
+    workflow_id: int,
+    kinds: list[str],
+    causes: list[tuple[dict[str, Any], str | None]],
+    cause_column: str,
+) -> int:
+    """One effect row per kind for each cause (its columns, and why it is skipped or None);
+    a row that already exists for the cause and kind is left as it is. Returns rows offered."""
+    now = utcnow()
+    rows = [
+        {
+            **columns,
+            "workflow_id": workflow_id,
+            "kind": kind,
+            "status": "skipped" if why else "pending",
+            "attempts": 0,
+            "next_attempt_at": now,
+            "last_error": why,
+            "created_at": now,
+        }
+        for columns, why in causes
+        for kind in kinds
+    ]
     if rows:
         statement = store._insert(session, Effect).on_conflict_do_nothing(
-            index_elements=["retirement_id", "kind"]
+            index_elements=[cause_column, "kind"]
         )
         session.execute(statement, rows)
     return len(rows)
@@ -146,32 +157,13 @@ def materialize_levels(session: Session, workflow_id: int, config: WorkflowConfi
         .where(VolunteerLevel.workflow_id == workflow_id, Effect.id.is_(None))
         .order_by(VolunteerLevel.id)
     )
-    rows = []
-    now = utcnow()
+    causes = []
     for level_id, volunteer_id, user_id in session.execute(query).all():
         why = "dry run" if config.effects.dry_run else None
         if why is None and user_id is None:
             why = "volunteer forgotten"
-        for kind in kinds:
-            rows.append(
-                {
-                    "level_id": level_id,
-                    "volunteer_id": volunteer_id,
-                    "workflow_id": workflow_id,
-                    "kind": kind,
-                    "status": "skipped" if why else "pending",
-                    "attempts": 0,
-                    "next_attempt_at": now,
-                    "last_error": why,
-                    "created_at": now,
-                }
-            )
-    if rows:
-        statement = store._insert(session, Effect).on_conflict_do_nothing(
-            index_elements=["level_id", "kind"]
-        )
-        session.execute(statement, rows)
-    return len(rows)
+        causes.append(({"level_id": level_id, "volunteer_id": volunteer_id}, why))
+    return _write_outbox(session, workflow_id, kinds, causes, "level_id")
 
 
 @dataclass(frozen=True)
