@@ -10,7 +10,6 @@ import csv
 import json
 import re
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -34,6 +33,7 @@ from app.service import build_service
 from app.settings import Settings
 from app.train import classifier
 from tests import payloads as p
+from tests.exporting import ingest_and_export
 
 WF = 40404
 SIZE = 32
@@ -108,19 +108,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Built]:
                 data["links"]["workflow"] = str(WF)
                 events.append(p.event(data, location))
                 cid += 1
-        for start in range(0, len(events), 40):
-            response = client.post("/v1/ingest/kinesis", json=p.batch(*events[start : start + 40]))
-            assert response.status_code == 200, response.text
-        assert service.dispatcher.wait_idle(60)  # type: ignore[attr-defined]
-        started = client.post(f"/v1/workflows/{WF}/exports", json=RULES)
-        assert started.status_code == 202, started.text
-        export_id = started.json()["id"]
-        for _ in range(600):
-            status = client.get(f"/v1/exports/{export_id}").json()
-            if status["status"] in ("done", "failed"):
-                break
-            time.sleep(0.05)
-        assert status["status"] == "done", status
+        export_id = ingest_and_export(client, service, WF, events, RULES)
     finally:
         service.close()
     yield Built(root, root / "exports" / export_id, export_id, images, truth, new)

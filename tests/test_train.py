@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import re
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -28,6 +27,7 @@ from app.db import migrate
 from app.service import build_service
 from app.settings import Settings, get_settings
 from tests import payloads as p
+from tests.exporting import ingest_and_export
 
 WF = p.WORKFLOW
 SIZE = 48
@@ -80,19 +80,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Built]:
                 classification = p.classic(cid, image.subject_id, user, answer, boxes=boxes)
                 events.append(p.event(classification, location))
                 cid += 1
-        for start in range(0, len(events), 40):
-            response = client.post("/v1/ingest/kinesis", json=p.batch(*events[start : start + 40]))
-            assert response.status_code == 200, response.text
-        assert service.dispatcher.wait_idle(60)  # type: ignore[attr-defined]
-        started = client.post(f"/v1/workflows/{WF}/exports", json=RULES)
-        assert started.status_code == 202, started.text
-        export_id = started.json()["id"]
-        for _ in range(600):
-            status = client.get(f"/v1/exports/{export_id}").json()
-            if status["status"] in ("done", "failed"):
-                break
-            time.sleep(0.05)
-        assert status["status"] == "done", status
+        export_id = ingest_and_export(client, service, WF, events, RULES)
     finally:
         service.close()
     yield Built(root, root / "exports" / export_id, export_id, images, truth)
